@@ -1,0 +1,171 @@
+"""The benchmark matrix as data.
+
+A :class:`Case` is one pipeline parametrization: framework, recipe (the framework's optimization
+settings), preset, device, batch size, steps and resolution. Recipes are small frozen dataclasses
+defined next to each builder (``pipelines/*.py``); each can render itself as a readable tag
+(``bf16-sdpa-cl-compile``) and parse one back, say why it cannot run on a device, and name the
+fidelity thresholds it must meet against the float32 reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Iterable, Mapping, Sequence
+
+from diffperf.presets import get_preset
+
+FRAMEWORKS = ("torch", "tf", "jax")
+DEVICES = ("cpu", "cuda", "tpu")
+
+
+class RecipeError(ValueError):
+    """A recipe tag or combination that is invalid on every machine (not merely unsupported here)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Base class of the per-framework optimization recipes."""
+
+    framework: ClassVar[str] = ""
+
+    def tag(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def from_tag(cls, tag: str) -> "Recipe":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def unsupported(self, device: str) -> str | None:
+        """Why this recipe cannot run on ``device`` (a skip reason), or ``None``."""
+        return None
+
+    def known_failure(self, device: str) -> str | None:
+        """A known upstream limitation (turned into a strict xfail), or ``None``."""
+        return None
+
+    def fidelity_thresholds(self) -> tuple[float, float]:
+        """``(min_psnr_db, min_latent_cosine)`` this recipe must reach against the fp32 reference."""
+        return (40.0, 0.999)
+
+    def reference(self) -> "Recipe":
+        """The float32, unoptimized recipe of the same framework (the fidelity reference)."""
+        return type(self)()
+
+    @property
+    def is_reference(self) -> bool:
+        return self == self.reference()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One pipeline parametrization; ``id`` is its readable pytest id."""
+
+    framework: str
+    recipe: Recipe
+    preset: str
+    device: str = "cpu"
+    batch_size: int = 1
+    steps: int = 10
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    weights: str | None = None  # a local diffusers pipeline folder instead of random weights
+    prompt: str = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
+
+    def __post_init__(self) -> None:
+        if self.framework not in FRAMEWORKS:
+            raise RecipeError(f"unknown framework {self.framework!r}; known: {', '.join(FRAMEWORKS)}")
+        if self.device not in DEVICES:
+            raise RecipeError(f"unknown device {self.device!r}; known: {', '.join(DEVICES)}")
+        if self.recipe.framework != self.framework:
+            raise RecipeError(f"recipe {self.recipe.tag()!r} belongs to {self.recipe.framework}, not {self.framework}")
+        preset = get_preset(self.preset)
+        if self.height is None:
+            object.__setattr__(self, "height", preset.height)
+        if self.width is None:
+            object.__setattr__(self, "width", preset.width)
+        if self.batch_size < 1:
+            raise RecipeError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.steps < 1:
+            raise RecipeError(f"steps must be >= 1, got {self.steps}")
+        factor = preset.vae_scale_factor * 2 ** (len(preset.unet["down_block_types"]) - 1)
+        if self.height % factor or self.width % factor:
+            raise RecipeError(
+                f"resolution {self.height}x{self.width} is not a multiple of {factor} for preset {self.preset!r}"
+            )
+
+    @property
+    def id(self) -> str:
+        preset = get_preset(self.preset)
+        parts = [self.preset, self.recipe.tag()]
+        if (self.height, self.width) != (preset.height, preset.width):
+            parts.append(f"{self.height}x{self.width}")
+        parts.append(f"bs{self.batch_size}")
+        parts.append(f"{self.steps}steps")
+        return "-".join(parts)
+
+    @property
+    def reference(self) -> "Case":
+        """The same case with the framework's fp32 unoptimized recipe (fidelity reference)."""
+        return dataclasses.replace(self, recipe=self.recipe.reference())
+
+    def as_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "recipe"}
+        d["recipe"] = self.recipe.tag()
+        d["recipe_fields"] = dataclasses.asdict(self.recipe)
+        d["id"] = self.id
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameworkSpec:
+    """What each framework registers: its recipe class and its named recipes and ladders."""
+
+    name: str
+    recipe_cls: type[Recipe]
+    named: Mapping[str, Sequence[Recipe]]  # ladder/alias name -> recipes, in order
+    default: str  # the name run when no recipe is selected
+    module: str  # the builder module under ``pipelines``
+
+
+_REGISTRY: dict[str, FrameworkSpec] = {}
+
+
+def register(spec: FrameworkSpec) -> FrameworkSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def framework_spec(name: str) -> FrameworkSpec:
+    import importlib
+
+    if name not in FRAMEWORKS:
+        raise RecipeError(f"unknown framework {name!r}; known: {', '.join(FRAMEWORKS)}")
+    if name not in _REGISTRY:
+        # Recipe definitions live beside their builders but import no framework at module level.
+        importlib.import_module({"torch": "pipelines.torch_recipes", "tf": "pipelines.tf_recipes",
+                                 "jax": "pipelines.jax_recipes"}[name])
+    return _REGISTRY[name]
+
+
+def resolve_recipes(framework: str, names: Iterable[str]) -> list[Recipe]:
+    """Turn ladder names, aliases and tags into recipes, in order, without duplicates."""
+    spec = framework_spec(framework)
+    out: list[Recipe] = []
+    for name in names:
+        name = name.strip()
+        if not name:
+            continue
+        if name in spec.named:
+            recipes = list(spec.named[name])
+        else:
+            try:
+                recipes = [spec.recipe_cls.from_tag(name)]
+            except RecipeError as exc:
+                raise RecipeError(
+                    f"{framework}: {exc}; named recipes and ladders: {', '.join(spec.named)}"
+                ) from None
+        for r in recipes:
+            if r not in out:
+                out.append(r)
+    return out
