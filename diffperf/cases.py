@@ -124,7 +124,7 @@ class FrameworkSpec:
     name: str
     recipe_cls: type[Recipe]
     named: Mapping[str, Sequence[Recipe]]  # ladder/alias name -> recipes, in order
-    default: str  # the name run when no recipe is selected
+    default: str | Mapping[str, str]  # the name run when no recipe is selected (or per device)
     module: str  # the builder module under ``pipelines``
 
 

@@ -234,7 +234,7 @@ TINY = Preset(
     scheduler=SD15.scheduler,
     height=64,
     width=64,
-    default_steps=10,
+    default_steps=4,
 )
 
 PRESETS: Mapping[str, Preset] = _frozen({p.name: p for p in (TINY, SD15, SDXL)})

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diffperf import progress  # noqa: E402
-from diffperf.cases import Case, RecipeError  # noqa: E402
+from diffperf.cases import Case  # noqa: E402
 from diffperf.memory import RSSProbe  # noqa: E402
 from diffperf.presets import Preset, get_preset  # noqa: E402
 from diffperf.tokenizer import clip_tokenizer  # noqa: E402
@@ -63,12 +63,6 @@ def conv_filter_fn(mod: torch.nn.Module, *args: Any) -> bool:
     return (
         isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (1, 1) and 128 in (mod.in_channels, mod.out_channels)
     )
-
-
-def validate(recipe: TorchRecipe) -> None:
-    """Reject combinations that are invalid everywhere (not just on this machine)."""
-    if recipe.fuse_qkv and recipe.attention != "sdpa":
-        raise RecipeError(f"{recipe.tag()}: fused QKV projections run through SDPA (FusedAttnProcessor2_0); use 'sdpa'")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,10 +119,20 @@ def load_local_pipeline(folder: str | os.PathLike[str], dtype: torch.dtype):
 
 
 def preset_of_folder(folder: str | os.PathLike[str]) -> str:
-    """``sdxl`` or ``sd15``, from the pipeline class named in ``model_index.json``."""
+    """The preset whose UNet the folder's matches (channels and cross-attention width), else by class name."""
     import json
 
-    index = json.loads((Path(folder) / "model_index.json").read_text())
+    from diffperf.presets import PRESETS
+
+    folder = Path(folder)
+    unet_config = folder / "unet" / "config.json"
+    if unet_config.is_file():
+        cfg = json.loads(unet_config.read_text())
+        for preset in PRESETS.values():
+            if all(list(cfg.get(k) or []) == list(preset.unet[k]) if isinstance(preset.unet[k], (list, tuple))
+                   else cfg.get(k) == preset.unet[k] for k in ("block_out_channels", "cross_attention_dim")):
+                return preset.name
+    index = json.loads((folder / "model_index.json").read_text())
     return "sdxl" if "XL" in index.get("_class_name", "") else "sd15"
 
 
@@ -324,7 +328,6 @@ def build(case: Case) -> TorchRunner:
     """Build the pipeline ``case`` describes and apply its recipe's optimization steps."""
     recipe = case.recipe
     assert isinstance(recipe, TorchRecipe)
-    validate(recipe)
     if case.device == "cuda" and not torch.cuda.is_available():
         import pytest
 

@@ -42,6 +42,8 @@ class TorchRecipe(Recipe):
             raise RecipeError(f"unknown compile mode {self.compile_mode!r}")
         if self.quant not in (None, *QUANTS):
             raise RecipeError(f"unknown quantization {self.quant!r}; choose from {', '.join(QUANTS)}")
+        if self.fuse_qkv and self.attention != "sdpa":
+            raise RecipeError("'fuseqkv' runs through SDPA (FusedAttnProcessor2_0); it needs 'sdpa' attention")
         if not self.fullgraph and self.compile_mode is None:
             raise RecipeError("'graphbreaks' (fullgraph=False) needs a compile token")
 
@@ -131,10 +133,13 @@ SPEC = register(
             "ladder": GUIDE_LADDER,
             **{name.lstrip("+"): (r,) for name, r in zip(LADDER_STEP_NAMES, GUIDE_LADDER)},
             "eager": GUIDE_LADDER[:3],
+            # The default on CPU: what runs in minutes on 2 cores. bf16 without AVX-512-bf16 and
+            # channels_last under inductor are slow on such CPUs; ask for them with --perf-recipes ladder.
+            "cpu": (R(), R(attention="sdpa"), R(attention="sdpa", compile_mode="default")),
             "int8wo": (R(precision="bf16", attention="sdpa", channels_last=True, quant="int8wo"),),
             "fp8dq": (R(precision="bf16", attention="sdpa", channels_last=True, compile_mode="max-autotune", quant="fp8dq"),),
         },
-        default="ladder",
+        default={"cpu": "cpu", "cuda": "ladder"},
         module="pipelines.torch_diffusers",
     )
 )

@@ -1,0 +1,200 @@
+"""The regression gate every perf test passes through: its record against the baseline of this hardware.
+
+Latency is judged statistically (:func:`diffperf.stats.compare_samples`: median ratio beyond the tolerance
+*and* a significant one-sided Mann-Whitney U). Peak memory and compile seconds are one number per run, so
+no test is possible: they fail when the measured value exceeds the baseline by more than their own
+tolerance (``memory_tolerance`` 10 %, ``compile_tolerance`` 25 %), and say "improved" when below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from diffperf import stats
+from diffperf.baselines import BaselineError, BaselineStore, baseline_path, make_entry
+
+
+@dataclasses.dataclass
+class GateSettings:
+    tolerance: float = 0.10
+    memory_tolerance: float = 0.10
+    compile_tolerance: float = 0.25
+    alpha: float = 0.05
+    update: bool = False
+    baselines_dir: str | os.PathLike[str] = "baselines"
+    n_boot: int = stats.DEFAULT_BOOT
+    seed: int = stats.DEFAULT_SEED
+
+
+@dataclasses.dataclass
+class GateOutcome:
+    failed: bool
+    message: str
+    info: dict[str, Any]
+    verdict: str = "not compared"  # latency verdict: regressed / improved / unchanged / inconclusive / not compared
+
+
+def _single_value(kind: str, measured: float | None, base: float | None, tol: float, fmt) -> tuple[str, str | None]:
+    """(verdict, message line) for a one-number metric."""
+    if measured is None or base is None:
+        return "not compared", None
+    if base <= 0:
+        return "not compared", f"{kind}: baseline is {fmt(base)}; not compared"
+    ratio = measured / base
+    if ratio > 1 + tol:
+        verdict = "regressed"
+    elif ratio < 1 - tol:
+        verdict = "improved"
+    else:
+        verdict = "unchanged"
+    return verdict, (f"{kind} {verdict}: baseline {fmt(base)}, measured {fmt(measured)}, ratio {ratio:.3f} "
+                     f"(tolerance {tol:.0%}, single value: no statistical test)")
+
+
+def _steady_memory(value: Any) -> float | None:
+    if isinstance(value, dict):
+        value = value.get("steady")
+    return float(value) if value is not None else None
+
+
+class Gate:
+    """Checks records against ``<baselines_dir>/<hardware-id>.json``; with ``update`` records them there."""
+
+    def __init__(self, settings: GateSettings | None = None):
+        self.settings = settings or GateSettings()
+        self._stores: dict[str, BaselineStore | BaselineError] = {}
+        self._pending: dict[str, dict[str, dict]] = {}  # hardware id -> test id -> record
+
+    def store(self, hardware_id: str) -> BaselineStore:
+        """The baselines of ``hardware_id`` (loaded once); raises :class:`BaselineError` for a bad file."""
+        if hardware_id not in self._stores:
+            try:
+                self._stores[hardware_id] = BaselineStore.load(baseline_path(self.settings.baselines_dir, hardware_id))
+            except BaselineError as exc:
+                self._stores[hardware_id] = exc
+        got = self._stores[hardware_id]
+        if isinstance(got, BaselineError):
+            raise got
+        return got
+
+    def suggest_rounds(self, pilot_samples: list[float], rounds: int, tolerance: float | None = None,
+                       budget_s: float | None = None, max_rounds: int = 200) -> int:
+        """Total rounds a test should take given its first ``pilot_samples`` (adaptive rounds).
+
+        Enough for :func:`stats.compare_samples` to flag a slowdown of twice the tolerance with power 0.8
+        at the run's ``alpha``, given the pilot's robust CV; never fewer than ``rounds`` (the configured
+        count) and, with ``budget_s`` (seconds for the whole steady state), no more than the budget affords.
+        """
+        tol = self.settings.tolerance if tolerance is None else float(tolerance)
+        if len(pilot_samples) < 3:
+            return rounds
+        round_s = float(stats.np.median(pilot_samples))
+        return stats.required_rounds(stats.robust_cv(pilot_samples), 2 * tol, alpha=self.settings.alpha, power=0.8,
+                                     tolerance=tol, min_rounds=rounds, max_rounds=max(rounds, max_rounds),
+                                     round_seconds=round_s, budget_s=budget_s)
+
+    def check(self, test_id: str, hardware_id: str, record: dict, tolerance: float | None = None) -> GateOutcome:
+        """Judge ``record`` (a perf test's extra_info record) against its baseline.
+
+        ``tolerance`` overrides the run's latency tolerance for this test. With ``settings.update`` the
+        record is queued for :meth:`finish` and a regression does not fail the test (it is reported).
+        """
+        s = self.settings
+        tol = s.tolerance if tolerance is None else float(tolerance)
+        samples = [float(x) for x in record.get("samples_s") or []]
+        info: dict[str, Any] = {"hardware_id": hardware_id, "tolerance": tol, "alpha": s.alpha,
+                                "memory_tolerance": s.memory_tolerance, "compile_tolerance": s.compile_tolerance}
+        if samples:
+            info["cv"] = stats.cv(samples)
+            info["robust_cv"] = stats.robust_cv(samples)
+            info["min_detectable_slowdown"] = stats.min_detectable_slowdown(samples, alpha=s.alpha, seed=s.seed)
+        if s.update:
+            self._pending.setdefault(hardware_id, {})[test_id] = record
+        try:
+            base = self.store(hardware_id).get(test_id)
+        except BaselineError as exc:
+            info["verdict"] = "error"
+            return GateOutcome(True, str(exc), info, "error")
+        if base is None:
+            msg = f"no baseline for {test_id} on {hardware_id}: nothing compared"
+            if s.update:
+                msg += " (baseline will be recorded at the end of the session)"
+            info["verdict"] = "no baseline"
+            return GateOutcome(False, msg, info, "no baseline")
+        if not samples:
+            info["verdict"] = "error"
+            return GateOutcome(True, f"{test_id}: the record has no samples; nothing compared", info, "error")
+
+        cmp = stats.compare_samples(samples, base["samples_s"], tolerance=tol, alpha=s.alpha, n_boot=s.n_boot, seed=s.seed)
+        info.update(verdict=cmp.verdict, baseline_median_s=cmp.base_median, measured_median_s=cmp.head_median,
+                    ratio=cmp.ratio, ratio_ci=[cmp.ci.low, cmp.ci.high], p_slower=cmp.p_slower,
+                    p_faster=cmp.p_faster, min_detectable_slowdown=cmp.min_detectable,
+                    baseline_rounds=base.get("rounds"), baseline_commit=(base.get("commit") or {}).get("id"))
+        lines = [f"latency {cmp.describe()}, baseline rounds {len(base['samples_s'])}, measured rounds {len(samples)}, "
+                 f"CV {info['cv']:.1%}, min detectable slowdown {cmp.min_detectable:.1%}"]
+        failures = ["latency"] if cmp.verdict == "regressed" else []
+
+        mem_v, mem_line = _single_value("peak memory", _steady_memory(record.get("peak_memory_bytes")),
+                                        _steady_memory(base.get("peak_memory_bytes")), s.memory_tolerance, stats.fmt_bytes)
+        if record.get("memory_kind") and base.get("memory_kind") and record["memory_kind"] != base["memory_kind"]:
+            mem_v, mem_line = "not compared", (f"peak memory: measured as {record['memory_kind']}, baseline as "
+                                               f"{base['memory_kind']}; not compared")
+        comp_v, comp_line = _single_value("compile time", record.get("compile_s"), base.get("compile_s"),
+                                          s.compile_tolerance, stats.fmt_seconds)
+        info["memory_verdict"], info["compile_verdict"] = mem_v, comp_v
+        for verdict, line, name in ((mem_v, mem_line, "peak memory"), (comp_v, comp_line, "compile time")):
+            if line:
+                lines.append(line)
+            if verdict == "regressed":
+                failures.append(name)
+        failed = bool(failures) and not s.update
+        if failures:
+            head = f"{test_id} on {hardware_id}: {' and '.join(failures)} regressed"
+            head += " (baseline is being updated, not failing)" if s.update else ""
+        else:
+            head = f"{test_id} on {hardware_id}: {cmp.verdict}"
+        return GateOutcome(failed, "\n".join([head, *("  " + ln for ln in lines)]), info, cmp.verdict)
+
+    def finish(self, versions: dict | None = None, commit: dict | None = None) -> list[Path]:
+        """With ``settings.update``: write every checked record into its hardware's baseline file.
+
+        Other entries of each file are kept; each file is replaced atomically; a file that failed to load
+        is left untouched (its :class:`BaselineError` is raised after the other files are written).
+        Returns the paths written.
+        """
+        if not self.settings.update or not self._pending:
+            return []
+        if versions is None:
+            from diffperf.hardware import software_versions
+
+            versions = software_versions()
+        if commit is None:
+            commit = _commit_info()
+        written, errors = [], []
+        for hw, records in sorted(self._pending.items()):
+            try:
+                store = self.store(hw)
+                for test_id, record in records.items():
+                    store.put(make_entry(test_id, record, versions=versions, commit=commit))
+                store.save()
+                written.append(store.path)
+            except BaselineError as exc:
+                errors.append(exc)
+        self._pending.clear()
+        if errors:
+            raise BaselineError("; ".join(str(e) for e in errors))
+        return written
+
+
+def _commit_info() -> dict:
+    """The commit that produced a baseline, as pytest-benchmark records it (id, branch, dirty...)."""
+    try:
+        from pytest_benchmark.utils import get_commit_info
+
+        info = get_commit_info()
+        return {k: info.get(k) for k in ("id", "time", "branch", "dirty", "project") if k in info}
+    except Exception:  # pragma: no cover - not a git checkout
+        return {}

@@ -1,0 +1,184 @@
+"""Building and measuring one case: the sequence every stack goes through, inside pytest or not.
+
+``prepare`` builds the pipeline and times the first call on its own (cold start: tracing, compilation,
+autotuning, cache fills), then runs one instrumented call whose output feeds the fidelity guard.
+``measure`` times the steady state through pytest-benchmark (or a bare loop outside pytest), picks the
+number of rounds from the noise seen in the warmup rounds, and assembles the record that goes into the
+benchmark's ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib
+import math
+import statistics
+import time
+from typing import Any, Callable
+
+from diffperf import progress
+from diffperf.cases import Case, framework_spec
+from diffperf.hardware import hardware_id
+from diffperf.timing import summarize, timed_call
+
+SCHEMA = 1
+
+
+def builder(framework: str) -> Callable[[Case], Any]:
+    """The ``build(case) -> Runner`` function of a framework."""
+    return importlib.import_module(framework_spec(framework).module).build
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A built case with its cold-start figures and the output used for the fidelity guard."""
+
+    case: Case
+    runner: Any
+    build_s: float
+    cold_start_s: float
+    cold_peak_bytes: int | None
+    generation: Any
+    first_breakdown: Any
+
+    def close(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.close()
+        gc.collect()
+
+
+def prepare(case: Case) -> Prepared:
+    """Build ``case`` and time its first call (cold start) apart from everything else."""
+    build = builder(case.framework)
+    with progress.step(f"{case.framework} {case.id}: build") as built:
+        runner = build(case)
+    try:
+        runner.memory.reset()
+        with progress.step(f"{case.framework} {case.id}: first call (compile, autotune, cache fill)"):
+            cold = timed_call(runner.generate, runner.synchronize)
+        cold_peak = runner.memory.peak_bytes()
+        generation, breakdown = runner.generate_instrumented()
+    except BaseException:
+        runner.close()
+        raise
+    return Prepared(case, runner, built["seconds"], cold.seconds, cold_peak, generation, breakdown)
+
+
+def _required_rounds(cv: float, tolerance: float) -> int:
+    """Rounds for a one-sided test to see a ``tolerance`` slowdown at noise ``cv`` (alpha 5%, power 80%)."""
+    try:
+        from diffperf import stats
+
+        return stats.required_rounds(cv, tolerance)
+    except (ImportError, AttributeError):
+        z = 1.645 + 0.842
+        return math.ceil(2 * (z * cv / tolerance) ** 2) if tolerance > 0 else 1
+
+
+@dataclasses.dataclass
+class RoundPlan:
+    warmup: list[float]
+    rounds: int
+
+
+def plan_rounds(prepared: Prepared, min_rounds: int, warmup_rounds: int, max_time_s: float, tolerance: float,
+                call: Callable[[], Any]) -> RoundPlan:
+    """Run the warmup rounds (timed, then discarded) and choose the steady-state round count.
+
+    At least ``min_rounds``; more when the warmup noise says ``min_rounds`` could not detect a
+    ``tolerance`` slowdown, as long as the rounds fit in ``max_time_s``.
+    """
+    runner = prepared.runner
+    warm = [timed_call(call, runner.synchronize).seconds for _ in range(max(warmup_rounds, 0))]
+    rounds = min_rounds
+    if len(warm) >= 3:
+        cv = statistics.stdev(warm) / statistics.fmean(warm)
+        budget = int(max_time_s / max(statistics.median(warm), 1e-9))
+        rounds = max(min_rounds, min(_required_rounds(cv, tolerance), budget))
+    return RoundPlan(warm, rounds)
+
+
+def slowed(call: Callable[[], Any], fraction: float, sync: Callable[[], None]) -> Callable[[], Any]:
+    """``call`` made ``fraction`` slower by busy-waiting (used only to calibrate the gate)."""
+    if not fraction:
+        return call
+
+    def target() -> Any:
+        start = time.perf_counter()
+        value = call()
+        sync()
+        end = time.perf_counter() + (time.perf_counter() - start) * fraction
+        while time.perf_counter() < end:
+            pass
+        return value
+
+    return target
+
+
+def record(prepared: Prepared, samples: list[float], steady_peak: int | None, breakdowns: list[dict],
+           fidelity: dict | None = None) -> dict[str, Any]:
+    """The ``extra_info`` record of one measured case."""
+    case, runner = prepared.case, prepared.runner
+    summary = summarize(samples)
+    compile_info = runner.compile_info() if runner is not None else {}
+    devices = int(compile_info.get("devices", 1) or 1)
+    spec = framework_spec(case.framework)
+    ladder = list(spec.named.get("ladder", ()))
+    compiles = bool(compile_info.get("compiles")) or any(
+        getattr(case.recipe, f, None) for f in ("compile_mode", "jit_compile", "mode")
+    )
+    median_breakdown = {}
+    if breakdowns:
+        for key in breakdowns[0]:
+            vals = [b[key] for b in breakdowns if b.get(key) is not None]
+            median_breakdown[key] = statistics.median(vals) if vals else None
+    return {
+        "diffperf_schema": SCHEMA,
+        "case": case.as_dict(),
+        "framework": case.framework,
+        "device": case.device,
+        "hardware_id": hardware_id(case.device),
+        "samples_s": samples,
+        "rounds": len(samples),
+        "median_s": summary["median"],
+        "cv": summary["cv"],
+        "build_s": prepared.build_s,
+        "cold_start_s": prepared.cold_start_s,
+        # Compile time as the first call's excess over a steady call (the first call's own work is in both).
+        "compile_s": max(0.0, prepared.cold_start_s - summary["median"]) if compiles else None,
+        "peak_memory_bytes": {"cold": prepared.cold_peak_bytes, "steady": steady_peak},
+        "memory_kind": runner.memory.kind if runner is not None else None,
+        "breakdown": median_breakdown,
+        "images_per_s": case.batch_size * devices / summary["median"],
+        "fidelity": fidelity,
+        "compile_info": compile_info,
+        "ladder": f"{case.framework}:ladder" if case.recipe in ladder else None,
+        "ladder_step": ladder.index(case.recipe) if case.recipe in ladder else None,
+    }
+
+
+def measure(prepared: Prepared, benchmark=None, *, rounds: int = 10, warmup_rounds: int = 3,
+            max_time_s: float = 120.0, tolerance: float = 0.10, breakdown_rounds: int = 3,
+            inject_slowdown: float = 0.0) -> dict[str, Any]:
+    """Time the steady state of a prepared case and return its record.
+
+    With a pytest-benchmark fixture the rounds go through ``benchmark.pedantic`` (synchronized before
+    each clock read); without one, through a bare ``perf_counter`` loop with the same synchronization.
+    """
+    runner = prepared.runner
+    call = slowed(runner.generate, inject_slowdown, runner.synchronize)
+    plan = plan_rounds(prepared, rounds, warmup_rounds, max_time_s, tolerance, call)
+    runner.memory.reset()
+    with progress.step(f"{prepared.case.id}: {plan.rounds} steady-state rounds"):
+        if benchmark is not None:
+            from diffperf.timing import steady_state
+
+            steady_state(benchmark, call, runner.synchronize, plan.rounds, 0)
+            samples = list(benchmark.stats.stats.data)
+        else:
+            samples = [timed_call(call, runner.synchronize).seconds for _ in range(plan.rounds)]
+    steady_peak = runner.memory.peak_bytes()
+    breakdowns = [runner.generate_instrumented()[1].as_dict() for _ in range(breakdown_rounds)]
+    return record(prepared, samples, steady_peak, breakdowns)

@@ -1,0 +1,479 @@
+"""The diffperf pytest plugin: ``--perf-*`` options, the case matrix, fixtures and reporting hooks.
+
+Cases are generated in ``pytest_generate_tests`` for every test that asks for ``perf_case``: each
+selected framework x device x recipe x batch size, marked with its hardware marker (``cpu``, ``cuda``,
+``tpu``) and skipped with a stated reason when the hardware, the framework or the combination is missing.
+The ``perf_case`` fixture builds one pipeline per parameter set, shared by the tests of that parameter
+set and released (memory freed, compiler state reset) before the next one is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from diffperf import hardware, progress
+from diffperf.cases import DEVICES, FRAMEWORKS, Case, RecipeError, framework_spec, resolve_recipes
+from diffperf.presets import PRESETS, get_preset
+
+DEFAULT_PRESET = {"cpu": "tiny", "cuda": "sdxl", "tpu": "sdxl"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Option types: each raises argparse.ArgumentTypeError naming the bad value.
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_preset(value: str) -> str:
+    if value == "auto" or value in PRESETS:
+        return value
+    raise argparse.ArgumentTypeError(f"unknown preset {value!r}; choose from auto, {', '.join(PRESETS)}")
+
+
+def parse_frameworks(value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in FRAMEWORKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown framework(s) {', '.join(bad) or value!r}; choose from {', '.join(FRAMEWORKS)}")
+    return names
+
+
+def parse_recipes(value: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("empty recipe list")
+    for item in items:
+        fw, sep, name = item.partition(":")
+        if sep:
+            if fw not in FRAMEWORKS:
+                raise argparse.ArgumentTypeError(f"recipe {item!r}: unknown framework {fw!r}; choose from {', '.join(FRAMEWORKS)}")
+            try:
+                resolve_recipes(fw, [name])
+            except (RecipeError, ImportError) as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+    return items
+
+
+def _positive_int(what: str):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {value!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 1, got {n}")
+        return n
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+def _non_negative_int(what: str):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {value!r}") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 0, got {n}")
+        return n
+
+    return parse
+
+
+def parse_batch_sizes(value: str) -> tuple[int, ...]:
+    parse = _positive_int("batch size")
+    out = tuple(parse(v) for v in value.split(",") if v.strip())
+    if not out:
+        raise argparse.ArgumentTypeError("empty batch size list")
+    return out
+
+
+def parse_resolution(value: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)(?:x(\d+))?", value.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"resolution must be HEIGHTxWIDTH or N, got {value!r}")
+    h = int(m.group(1))
+    w = int(m.group(2) or h)
+    if h < 8 or w < 8:
+        raise argparse.ArgumentTypeError(f"resolution {h}x{w} is too small")
+    return h, w
+
+
+def parse_fraction(what: str, upper: float = 10.0):
+    def parse(value: str) -> float:
+        try:
+            f = float(value.rstrip("%")) / (100.0 if value.endswith("%") else 1.0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number like 0.1 or 10%, got {value!r}") from None
+        if not 0 <= f <= upper:
+            raise argparse.ArgumentTypeError(f"{what} must be between 0 and {upper}, got {value!r}")
+        return f
+
+    return parse
+
+
+def parse_seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds must be a number, got {value!r}") from None
+    if s <= 0:
+        raise argparse.ArgumentTypeError(f"seconds must be > 0, got {value!r}")
+    return s
+
+
+def parse_weights_dir(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"--perf-weights {value}: no such directory")
+    if not (path / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(f"--perf-weights {value}: not a diffusers pipeline folder (no model_index.json)")
+    return path.resolve()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("diffperf", "diffperf: diffusion inference benchmarks")
+    add = group.addoption
+    add("--perf-preset", type=parse_preset, default="auto", metavar="NAME",
+        help="model preset: tiny, sd15, sdxl, or auto (tiny on CPU, sdxl on CUDA/TPU). Default: auto.")
+    add("--perf-frameworks", type=parse_frameworks, default=FRAMEWORKS, metavar="LIST",
+        help="comma-separated stacks to run: torch, tf, jax. Default: torch,tf,jax.")
+    add("--perf-recipes", type=parse_recipes, default=None, metavar="LIST",
+        help="comma-separated recipes or ladder names, optionally framework-qualified (torch:ladder, "
+             "torch:bf16-sdpa-compile, tf:ladder). A bare name applies to every framework that knows it. "
+             "Default: each framework's default set for the device (see README).")
+    add("--perf-steps", type=_positive_int("steps"), default=None, metavar="N",
+        help="denoising steps. Default: the preset's (tiny 4, sd15/sdxl 30).")
+    add("--perf-resolution", type=parse_resolution, default=None, metavar="HxW",
+        help="image resolution. Default: the preset's native one (tiny 64, sd15 512, sdxl 1024).")
+    add("--perf-batch-size", type=parse_batch_sizes, default=(1,), metavar="LIST",
+        help="comma-separated images per prompt. Default: 1.")
+    add("--perf-weights", type=parse_weights_dir, default=None, metavar="DIR",
+        help="load a local diffusers pipeline folder (safetensors only) instead of random weights; the preset "
+             "is read from its model_index.json. Default: seeded random weights.")
+    add("--perf-seed", type=_non_negative_int("seed"), default=0, metavar="N", help="seed for weights and noise. Default: 0.")
+    add("--perf-rounds", type=_positive_int("rounds"), default=10, metavar="N",
+        help="minimum steady-state rounds per case (more when noisy, within --perf-max-time). Default: 10.")
+    add("--perf-warmup-rounds", type=_non_negative_int("warmup rounds"), default=3, metavar="N",
+        help="timed-then-discarded rounds after the cold call, also used to size the rounds. Default: 3.")
+    add("--perf-max-time", type=parse_seconds, default=120.0, metavar="SECONDS",
+        help="time budget for the steady-state rounds of one case when they grow for noise. Default: 120.")
+    add("--perf-no-fidelity", action="store_true", default=False,
+        help="skip the comparison with the fp32 reference output. Default: compare.")
+    add("--perf-cache-dir", default=None, metavar="DIR",
+        help="persistent compile caches (inductor, XLA, JAX) and SavedModels. Default: <rootdir>/.diffperf-cache.")
+    add("--perf-baselines-dir", default=None, metavar="DIR", help="baseline files. Default: <rootdir>/baselines.")
+    add("--perf-tolerance", type=parse_fraction("tolerance"), default=0.10, metavar="FRACTION",
+        help="latency slowdown tolerated before the gate may fail a test (0.1 or 10%%). Default: 10%%.")
+    add("--perf-memory-tolerance", type=parse_fraction("memory tolerance"), default=0.10, metavar="FRACTION",
+        help="peak-memory growth tolerated. Default: 10%%.")
+    add("--perf-compile-tolerance", type=parse_fraction("compile tolerance"), default=0.25, metavar="FRACTION",
+        help="compile-time growth tolerated. Default: 25%%.")
+    add("--perf-alpha", type=parse_fraction("alpha", upper=0.5), default=0.05, metavar="P",
+        help="significance level of the regression test. Default: 0.05.")
+    add("--perf-update-baselines", action="store_true", default=False,
+        help="write this run's results into baselines/<hardware-id>.json (atomically, keeping other entries). Default: off.")
+    add("--perf-inject-slowdown", type=parse_fraction("injected slowdown"), default=0.0, metavar="FRACTION",
+        help="make every timed call this much slower (calibrates the gate; never use for real runs). Default: 0.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def _cache_dir(config: pytest.Config) -> Path:
+    opt = config.getoption("perf_cache_dir")
+    return Path(opt).resolve() if opt else Path(config.rootpath) / ".diffperf-cache"
+
+
+def configure_caches(cache: Path, frameworks: tuple[str, ...]) -> None:
+    """Point every compiler's persistent cache at ``cache`` (before any framework is imported)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("DIFFPERF_CACHE_DIR", str(cache))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torchinductor"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache / "jax"))
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares the GPU
+    # diffusers/transformers' TensorFlow classes are never used (KerasCV has its own models).
+    os.environ.setdefault("USE_TF", "0")
+    if "jax" not in frameworks:
+        os.environ.setdefault("USE_FLAX", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for device, reason in (("cpu", "runs on the CPU"), ("cuda", "needs a CUDA GPU"), ("tpu", "needs a TPU VM")):
+        config.addinivalue_line("markers", f"{device}: benchmark case that {reason}")
+    config.addinivalue_line("markers", "perf_tolerance(fraction): per-test latency tolerance for the regression gate")
+    configure_caches(_cache_dir(config), config.getoption("perf_frameworks"))
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        progress.sink = reporter.write_line
+    config._diffperf_session = PerfSession(config)  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    progress.sink = None
+
+
+def _session(config: pytest.Config) -> "PerfSession":
+    return config._diffperf_session  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------------
+# The matrix
+# --------------------------------------------------------------------------------------------------
+
+
+def recipes_for(framework: str, device: str, selected: tuple[str, ...] | None):
+    """The recipes of ``framework`` to run on ``device``: the selection, or the framework's default."""
+    spec = framework_spec(framework)
+    if selected is None:
+        default = spec.default if isinstance(spec.default, str) else spec.default.get(device, spec.default.get("cpu"))
+        return resolve_recipes(framework, [default])
+    names = []
+    for item in selected:
+        fw, sep, name = item.partition(":")
+        if sep:
+            if fw == framework:
+                names.append(name)
+        elif item in spec.named:
+            names.append(item)
+        else:
+            try:
+                spec.recipe_cls.from_tag(item)
+            except RecipeError:
+                continue
+            names.append(item)
+    return resolve_recipes(framework, names)
+
+
+def build_cases(config: pytest.Config) -> list:
+    """Every (case, marks) the options select, including the ones that will be skipped (with reasons)."""
+    params = []
+    preset_opt = config.getoption("perf_preset")
+    weights = config.getoption("perf_weights")
+    steps_opt = config.getoption("perf_steps")
+    resolution = config.getoption("perf_resolution")
+    for framework in config.getoption("perf_frameworks"):
+        installed = hardware.framework_installed(framework)
+        spec = framework_spec(framework)
+        for device in DEVICES:
+            if not isinstance(spec.default, str) and device not in spec.default:
+                continue  # the stack does not target this device at all (e.g. PyTorch on TPU)
+            preset_name = preset_opt if preset_opt != "auto" else DEFAULT_PRESET[device]
+            if weights is not None and framework == "torch" and preset_opt == "auto":
+                from pipelines.torch_diffusers import preset_of_folder
+
+                preset_name = preset_of_folder(weights)
+            preset = get_preset(preset_name)
+            try:
+                recipes = recipes_for(framework, device, config.getoption("perf_recipes"))
+            except RecipeError as exc:
+                raise pytest.UsageError(f"--perf-recipes: {exc}") from None
+            for recipe in recipes:
+                for bs in config.getoption("perf_batch_size"):
+                    try:
+                        case = Case(
+                            framework=framework, recipe=recipe, preset=preset_name, device=device, batch_size=bs,
+                            steps=steps_opt or preset.default_steps,
+                            height=resolution[0] if resolution else None, width=resolution[1] if resolution else None,
+                            seed=config.getoption("perf_seed"),
+                            weights=str(weights) if weights is not None and framework == "torch" else None,
+                        )
+                    except RecipeError as exc:
+                        raise pytest.UsageError(f"invalid combination for {framework}/{device}: {exc}") from None
+                    marks = [getattr(pytest.mark, device)]
+                    reason = (
+                        None if installed else
+                        f"{framework} stack not installed: pip install -e '.[{hardware.EXTRA_FOR[framework]}]'"
+                    ) or hardware.skip_reason(device) or recipe.unsupported(device)
+                    if weights is not None and framework != "torch":
+                        reason = reason or f"--perf-weights loads diffusers PyTorch folders; the {framework} stack uses random weights"
+                    if reason:
+                        marks.append(pytest.mark.skip(reason=reason))
+                    known = recipe.known_failure(device)
+                    if known:
+                        marks.append(pytest.mark.xfail(reason=known, strict=True))
+                    params.append(pytest.param(case, marks=marks, id=f"{framework}-{device}-{case.id}"))
+    return params
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "perf_case" in metafunc.fixturenames:
+        metafunc.parametrize("perf_case", build_cases(metafunc.config), indirect=True, scope="module")
+
+
+# --------------------------------------------------------------------------------------------------
+# Session state, fixtures
+# --------------------------------------------------------------------------------------------------
+
+
+class PerfSession:
+    """Per-run state: reference outputs for the fidelity guard, records for the summary, the gate."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.references: dict = {}
+        self.records: list[tuple[str, dict]] = []
+        self.gate = _make_gate(config)
+
+    def fidelity(self, prepared) -> dict | None:
+        """Compare ``prepared``'s output with its fp32 reference (``None`` with --perf-no-fidelity)."""
+        from diffperf import fidelity
+
+        if self.config.getoption("perf_no_fidelity"):
+            return None
+        if getattr(prepared, "fidelity_result", None) is None:
+            ref = self.reference(prepared.case)
+            gen = prepared.generation
+            prepared.fidelity_result = fidelity.compare(
+                gen.images, gen.latents, ref.images, ref.latents, prepared.case.recipe.fidelity_thresholds()
+            )
+        return prepared.fidelity_result
+
+    def measure(self, prepared, benchmark, request: pytest.FixtureRequest) -> dict:
+        """Time the steady state, attach the record to the benchmark, and apply the regression gate."""
+        from diffperf import harness
+        from diffperf.fidelity import FidelityError
+
+        opt = self.config.getoption
+        marker = request.node.get_closest_marker("perf_tolerance")
+        tolerance = float(marker.args[0]) if marker else opt("perf_tolerance")
+        case = prepared.case
+        benchmark.group = f"{case.framework}-{case.device}-{case.preset}"
+        rec = harness.measure(
+            prepared, None if getattr(benchmark, "disabled", False) else benchmark,
+            rounds=opt("perf_rounds"), warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
+            tolerance=tolerance, inject_slowdown=opt("perf_inject_slowdown"),
+        )
+        try:
+            result = self.fidelity(prepared)
+            rec["fidelity"] = None if result is None else result.as_dict() | {"ok": result.ok}
+        except FidelityError as exc:
+            rec["fidelity"] = {"ok": False, "error": str(exc)}
+        if self.gate is not None:
+            outcome = self.gate.check(request.node.nodeid, rec["hardware_id"], rec, tolerance=tolerance)
+            rec["gate"] = outcome.info
+            rec["gate_message"] = outcome.message
+        benchmark.extra_info.update(rec)
+        self.records.append((request.node.nodeid, rec))
+        if self.gate is not None and outcome.failed:
+            pytest.fail(outcome.message, pytrace=False)
+        return rec
+
+    def reference(self, case: Case):
+        """The fp32 unoptimized output for ``case`` (built on demand and released at once)."""
+        from diffperf.harness import prepare
+
+        ref_case = case.reference
+        if ref_case not in self.references:
+            prepared = prepare(ref_case)
+            self.references[ref_case] = prepared.generation
+            prepared.close()
+        return self.references[ref_case]
+
+
+@pytest.fixture(scope="session")
+def perf_session(pytestconfig: pytest.Config) -> PerfSession:
+    """The run's :class:`PerfSession`."""
+    return _session(pytestconfig)
+
+
+@pytest.fixture
+def perf_case(request: pytest.FixtureRequest, perf_session: PerfSession):
+    """A built pipeline for one case (module-scoped through parametrization; see module docstring)."""
+    from diffperf.harness import prepare
+
+    case: Case = request.param
+    prepared = prepare(case)
+    if case.recipe.is_reference:
+        perf_session.references.setdefault(case, prepared.generation)
+    try:
+        yield prepared
+    finally:
+        prepared.close()
+
+
+def _make_gate(config: pytest.Config):
+    """The regression gate configured from the options (``None`` until diffperf.gate is present)."""
+    try:
+        from diffperf.gate import Gate, GateSettings
+    except ImportError:
+        return None
+    opt = config.getoption
+    baselines = opt("perf_baselines_dir")
+    return Gate(GateSettings(
+        tolerance=opt("perf_tolerance"), memory_tolerance=opt("perf_memory_tolerance"),
+        compile_tolerance=opt("perf_compile_tolerance"), alpha=opt("perf_alpha"),
+        update=opt("perf_update_baselines"),
+        baselines_dir=Path(baselines).resolve() if baselines else Path(config.rootpath) / "baselines",
+    ))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    perf = getattr(session.config, "_diffperf_session", None)
+    if perf is not None and perf.gate is not None:
+        perf.gate.finish()
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Add framework versions, GPU model/count/driver, CPU model and hardware ids."""
+    machine_info.update(hardware.machine_info())
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _fmt_s(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def results_table(records: list[tuple[str, dict]]) -> list[str]:
+    """The terminal table of this run's results, one line per case."""
+    header = ("case", "median", "cv", "cold start", "compile", "peak mem", "img/s", "fidelity", "gate")
+    rows = []
+    for _nodeid, r in records:
+        fid = r.get("fidelity") or {}
+        if "error" in fid:
+            fid_s = "NON-FINITE"
+        elif fid:
+            psnr = fid.get("psnr_db")
+            fid_s = ("identical" if fid.get("identical") else f"{psnr:.1f} dB") + ("" if fid.get("ok") else " FAIL")
+        else:
+            fid_s = "-"
+        gate = (r.get("gate") or {}).get("verdict", "-")
+        rows.append((
+            f"{r['framework']}-{r['device']}-{r['case']['id']}", _fmt_s(r["median_s"]), f"{r['cv'] * 100:.1f}%",
+            _fmt_s(r["cold_start_s"]), _fmt_s(r.get("compile_s")), _fmt_bytes(r["peak_memory_bytes"].get("steady")),
+            f"{r['images_per_s']:.2f}", fid_s, gate,
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
+    return [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    perf = getattr(config, "_diffperf_session", None)
+    if perf is None or not perf.records:
+        return
+    terminalreporter.section("diffperf results")
+    for line in results_table(perf.records):
+        terminalreporter.write_line(line)
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is not None and (bs.save or bs.autosave):
+        where = Path(str(bs.storage.path)) / (bs.storage.default_machine_id or "")
+        terminalreporter.write_line(f"run saved under: {where}  (compare two runs: python -m diffperf compare BASE HEAD)")
+    elif bs is not None:
+        terminalreporter.write_line("run not saved: add --benchmark-autosave or --benchmark-save=NAME to keep it")

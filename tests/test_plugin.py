@@ -1,0 +1,137 @@
+"""The plugin through pytester: options, markers and skips, timing honesty, the fidelity guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+BASE = ["--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-classic,torch:fp32-sdpa", "-p", "no:randomly"]
+
+
+def test_help_lists_options_with_defaults(pytester: pytest.Pytester):
+    result = pytester.runpytest_subprocess("-p", "diffperf.plugin", "--help")
+    result.stdout.fnmatch_lines([
+        "diffperf: diffusion inference benchmarks:",
+        "*--perf-preset=NAME*",
+        "*Default: auto.",
+        "*--perf-tolerance=FRACTION*",
+        "*--perf-update-baselines*",
+    ])
+    text = result.stdout.str()
+    for option in ("--perf-recipes", "--perf-steps", "--perf-batch-size", "--perf-weights", "--perf-rounds",
+                   "--perf-cache-dir", "--perf-max-time"):
+        assert option in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--perf-preset", "sd3"], "*unknown preset 'sd3'; choose from auto, tiny, sd15, sdxl*"),
+        (["--perf-frameworks", "torch,mxnet"], "*unknown framework(s) 'mxnet'*"),
+        (["--perf-recipes", "torch:fp64-sdpa"], "*must start with a precision*"),
+        (["--perf-recipes", "torch:bf16-sdpa-turbo"], "*unknown token 'turbo'*"),
+        (["--perf-recipes", "onnx:fp32"], "*unknown framework 'onnx'*"),
+        (["--perf-batch-size", "1,0"], "*batch size must be >= 1, got 0*"),
+        (["--perf-steps", "many"], "*steps must be an integer, got 'many'*"),
+        (["--perf-resolution", "big"], "*resolution must be HEIGHTxWIDTH or N, got 'big'*"),
+        (["--perf-tolerance", "-3"], "*tolerance must be between 0 and 10*"),
+        (["--perf-weights", "/nonexistent/sdxl"], "*--perf-weights /nonexistent/sdxl: no such directory*"),
+    ],
+)
+def test_bad_option_values_name_the_problem(fake_suite, args, message):
+    result = fake_suite.runpytest_subprocess(*args, "--collect-only")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines([message])
+
+
+def test_invalid_combination_is_a_usage_error(fake_suite):
+    result = fake_suite.runpytest_subprocess("--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-classic-fuseqkv",
+                                             "--collect-only")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*'fuseqkv' runs through SDPA*it needs 'sdpa' attention*"])
+    result = fake_suite.runpytest_subprocess("--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-sdpa-graphbreaks",
+                                             "--collect-only")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*'graphbreaks' (fullgraph=False) needs a compile token*"])
+
+
+def test_marker_selection_and_skip_reasons_without_gpu(fake_suite, monkeypatch):
+    monkeypatch.delenv("DIFFPERF_FAKE_CUDA", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi
+    result = fake_suite.runpytest_subprocess(*BASE, "-m", "cuda", "-rs", "--benchmark-disable")
+    result.assert_outcomes(skipped=4)
+    result.stdout.fnmatch_lines(["*SKIPPED*no CUDA device on this machine*"])
+    collected = fake_suite.runpytest_subprocess(*BASE, "-m", "cpu", "--collect-only", "-q")
+    collected.stdout.fnmatch_lines([
+        "*test_latency?torch-cpu-tiny-fp32-classic-bs1-4steps?",
+        "*test_fidelity?torch-cpu-tiny-fp32-sdpa-bs1-4steps?",
+        "4/8 tests collected (4 deselected)*",
+    ])
+
+
+def test_reported_median_matches_known_duration_and_syncs_before_clock(fake_suite, monkeypatch):
+    monkeypatch.setenv("FAKE_DURATION", "0.05")
+    result = fake_suite.runpytest_subprocess(
+        *BASE, "-m", "cpu", "--perf-rounds", "7", "--perf-warmup-rounds", "2",
+        "--benchmark-timer", "fake_builder.recording_timer", "--benchmark-json", "out.json",
+    )
+    result.assert_outcomes(passed=4)
+    data = json.loads((fake_suite.path / "out.json").read_text())
+    for bench in data["benchmarks"]:
+        median = bench["stats"]["median"]
+        # The device work is asynchronous: without a sync before the clock the median would be ~0.
+        assert 0.05 <= median < 0.05 * 1.05, median
+        info = bench["extra_info"]
+        assert info["rounds"] == 7 == len(info["samples_s"])
+        assert abs(info["median_s"] - median) < 1e-9
+        assert info["cold_start_s"] >= 0.05
+        assert info["images_per_s"] == pytest.approx(1 / median)
+    events = json.loads((fake_suite.path / "events.json").read_text())
+    clock_reads = [i for i, e in enumerate(events) if e == "clock"]
+    assert len(clock_reads) == 2 * 7 * 2  # start and end of every steady-state round, two cases
+    assert all(events[i - 1] == "sync" for i in clock_reads), "a clock read was not preceded by a sync"
+    result.stdout.fnmatch_lines(["*diffperf results*", "*torch-cpu-tiny-fp32-classic-bs1-4steps*"])
+
+
+@pytest.mark.parametrize("corruption, message", [
+    ("nan", "*latents contains non-finite values: 1 NaN and 0 inf*"),
+    ("noise", "*output differs from the fp32 reference beyond its thresholds: PSNR*"),
+])
+def test_fidelity_guard_fails_a_corrupted_pipeline(fake_suite, monkeypatch, corruption, message):
+    monkeypatch.setenv("FAKE_CORRUPT", corruption)
+    result = fake_suite.runpytest_subprocess(*BASE, "-m", "cpu", "--perf-rounds", "2", "--perf-warmup-rounds", "0",
+                                             "-k", "fidelity")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([message])
+
+
+def test_fidelity_can_be_turned_off(fake_suite, monkeypatch):
+    monkeypatch.setenv("FAKE_CORRUPT", "noise")
+    result = fake_suite.runpytest_subprocess(*BASE, "-m", "cpu", "--perf-no-fidelity", "-k", "fidelity", "-rs")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["*--perf-no-fidelity given*"])
+
+
+def test_one_build_per_case_released_before_the_next(fake_suite):
+    fake_suite.makepyfile(fake_builder_log=r'''
+import fake_builder
+LOG = []
+_orig_build, _orig_close = fake_builder.build, fake_builder.FakeRunner.close
+def build(case):
+    LOG.append(("build", case.id))
+    return _orig_build(case)
+def close(self):
+    LOG.append(("close", self.case.id))
+fake_builder.FakeRunner.close = close
+import atexit, json
+atexit.register(lambda: open("builds.json", "w").write(json.dumps(LOG)))
+''')
+    fake_suite.makeconftest(fake_suite.path.joinpath("conftest.py").read_text().replace('"fake_builder"', '"fake_builder_log"'))
+    result = fake_suite.runpytest_subprocess(*BASE, "-m", "cpu", "--perf-rounds", "2", "--perf-warmup-rounds", "0")
+    result.assert_outcomes(passed=4)
+    log = json.loads((fake_suite.path / "builds.json").read_text())
+    assert log == [
+        ["build", "tiny-fp32-classic-bs1-4steps"], ["close", "tiny-fp32-classic-bs1-4steps"],
+        ["build", "tiny-fp32-sdpa-bs1-4steps"], ["close", "tiny-fp32-sdpa-bs1-4steps"],
+    ]

@@ -1,0 +1,84 @@
+"""Presets, the offline tokenizer and the recipe tags."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffperf.cases import Case, RecipeError, resolve_recipes
+from diffperf.presets import CLIP_VOCAB_SIZE, PRESETS, get_preset, parameter_counts
+from diffperf.tokenizer import clip_tokenizer, tokenize
+from pipelines.torch_recipes import GUIDE_LADDER, TorchRecipe
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_real_architectures_have_the_published_parameter_counts(name):
+    preset = get_preset(name)
+    counts = parameter_counts(preset)
+    assert counts == dict(preset.expected_params)
+
+
+def test_published_counts_are_the_issue_numbers():
+    assert dict(PRESETS["sd15"].expected_params) == {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}
+    assert PRESETS["sdxl"].expected_params["unet"] == 2_567_463_684
+    assert PRESETS["sdxl"].expected_params["text_encoder_2"] == 694_659_840
+
+
+def test_presets_command_lists_counts(capsys):
+    from diffperf.__main__ import main
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "859,520,964" in out and "2,567,463,684" in out and "694,659,840" in out and "tiny" in out
+    assert "meta device" in out
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(KeyError, match="unknown preset 'sd3'; known presets: tiny, sd15, sdxl"):
+        get_preset("sd3")
+
+
+def test_tokenizer_is_offline_clip_compatible():
+    ids = tokenize(["Astronaut in a jungle, cold color palette, muted colors, detailed, 8k", ""])
+    assert all(len(x) == 77 for x in ids)
+    assert ids[0][0] == 49406 and 49407 in ids[0]
+    assert max(max(x) for x in ids) < CLIP_VOCAB_SIZE
+    assert ids[0] != ids[1]
+    assert clip_tokenizer(pad_token="!")("a", padding="max_length", max_length=5).input_ids[-1] == 0
+
+
+@pytest.mark.parametrize("recipe", GUIDE_LADDER, ids=lambda r: r.tag())
+def test_torch_tags_round_trip(recipe):
+    assert TorchRecipe.from_tag(recipe.tag()) == recipe
+
+
+def test_ladder_is_the_guides_sequence():
+    assert [r.tag() for r in resolve_recipes("torch", ["ladder"])] == [
+        "fp32-classic", "bf16-classic", "bf16-sdpa", "bf16-sdpa-cl-compile", "bf16-sdpa-cl-fuseqkv-compile",
+        "bf16-sdpa-cl-fuseqkv-compile-int8dq",
+    ]
+
+
+@pytest.mark.parametrize("tag, message", [
+    ("bf16", "the second token must be the attention"),
+    ("bf16-sdpa-int8dq-int8wo", "names two quantizations"),
+    ("bf16-sdpa-compile-cl", "out of order; write it as 'bf16-sdpa-cl-compile'"),
+    ("fp32-classic-fuseqkv", "it needs 'sdpa' attention"),
+])
+def test_bad_torch_tags(tag, message):
+    with pytest.raises(RecipeError, match=message):
+        TorchRecipe.from_tag(tag)
+
+
+def test_case_ids_and_validation():
+    case = Case("torch", TorchRecipe.from_tag("bf16-sdpa-cl-compile"), "sdxl", device="cuda", steps=30)
+    assert case.id == "sdxl-bf16-sdpa-cl-compile-bs1-30steps"
+    assert Case("torch", TorchRecipe(), "sd15", height=768, width=512, steps=30).id == "sd15-fp32-classic-768x512-bs1-30steps"
+    with pytest.raises(RecipeError, match="not a multiple of 64"):
+        Case("torch", TorchRecipe(), "sd15", height=500, width=512)
+    with pytest.raises(RecipeError, match="batch size must be >= 1"):
+        Case("torch", TorchRecipe(), "tiny", batch_size=0)
+
+
+def test_unsupported_cases_have_reasons():
+    assert "CUDA" in TorchRecipe.from_tag("bf16-sdpa-cl-compile-fp8dq").unsupported("cpu")
+    assert TorchRecipe.from_tag("bf16-sdpa").unsupported("cuda") is None

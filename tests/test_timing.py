@@ -1,0 +1,78 @@
+"""Timing primitives and the CPU memory probe, with fake clocks and devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffperf import fidelity
+from diffperf.memory import RSSProbe
+from diffperf.timing import bare_loop, summarize, timed_call
+from pipelines.base import StepClock
+
+
+class FakeDevice:
+    def __init__(self):
+        self.events = []
+        self.now = 0.0
+
+    def clock(self):
+        self.events.append("clock")
+        return self.now
+
+    def sync(self):
+        self.events.append("sync")
+        self.now += 0.5  # queued work finishes only at a sync
+
+    def call(self):
+        self.events.append("call")
+        return 42
+
+
+def test_timed_call_syncs_before_each_clock_read():
+    dev = FakeDevice()
+    timed = timed_call(dev.call, dev.sync, dev.clock)
+    assert dev.events == ["sync", "clock", "call", "sync", "clock"]
+    assert timed.value == 42 and timed.seconds == 0.5
+
+
+def test_bare_loop_and_summary():
+    dev = FakeDevice()
+    samples = bare_loop(dev.call, dev.sync, 4, dev.clock)
+    assert samples == [0.5] * 4
+    s = summarize([1.0, 2.0, 3.0])
+    assert s["median"] == 2.0 and s["rounds"] == 3 and s["cv"] == pytest.approx(0.5)
+
+
+def test_step_clock_breakdown():
+    dev = FakeDevice()
+    clock = StepClock(dev.sync, dev.clock)
+    for label in ["start", "encode_end", "step", "step", "step", "decode_start", "decode_end", "end"]:
+        clock.mark(label)
+    b = clock.breakdown()
+    assert b.text_encode_s == 0.5 and b.denoise_s == 1.5 and b.step_s == [0.5] * 3
+    assert b.decode_s == 0.5 and b.total_s == 3.5
+    assert b.as_dict()["denoise_step_median_s"] == 0.5
+
+
+def test_rss_probe_sees_an_allocation():
+    probe = RSSProbe()
+    probe.reset()
+    before = probe.peak_bytes()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    peak = probe.peak_bytes()
+    del block
+    assert peak - before >= 60 * 2**20
+
+
+def test_fidelity_metrics():
+    a = np.zeros((1, 4, 4, 3), np.uint8)
+    assert fidelity.psnr(a, a) == float("inf")
+    b = a.copy()
+    b[0, 0, 0, 0] = 255
+    assert fidelity.psnr(a, b) == pytest.approx(10 * np.log10(48), rel=1e-6)
+    assert fidelity.cosine(np.ones(3), 2 * np.ones(3)) == pytest.approx(1.0)
+    with pytest.raises(fidelity.FidelityError, match="1 NaN and 1 inf"):
+        fidelity.check_finite("latents", np.array([np.nan, np.inf, 0.0]))
+    with pytest.raises(fidelity.FidelityError, match="shape mismatch"):
+        fidelity.psnr(a, np.zeros((1, 4, 4, 4)))

@@ -1,0 +1,113 @@
+"""The PyTorch builder on the tiny preset: build, determinism, breakdown, local weights, global state."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch stack is not installed: pip install -e '.[torch]'")
+
+from diffperf.api import build_pipeline, make_case  # noqa: E402
+from pipelines import torch_diffusers as td  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fp32_runner():
+    runner = build_pipeline("fp32-classic", preset="tiny", steps=2)
+    yield runner
+    runner.close()
+
+
+def test_generate_is_deterministic_uint8(fp32_runner):
+    a = fp32_runner.generate().images
+    b = fp32_runner.generate().images
+    assert a.dtype == np.uint8 and a.shape == (1, 64, 64, 3)
+    assert np.array_equal(a, b)
+
+
+def test_instrumented_call_matches_and_breaks_down(fp32_runner):
+    plain = fp32_runner.generate().images
+    gen, breakdown = fp32_runner.generate_instrumented()
+    assert np.array_equal(gen.images, plain), "instrumentation changed the output"
+    assert gen.latents.shape == (1, 4, 16, 16)
+    # PNDM (PLMS) runs one extra warm-up step: the loop length is the scheduler's timesteps.
+    assert len(breakdown.step_s) == len(fp32_runner.pipe.scheduler.timesteps)
+    parts = breakdown.text_encode_s + breakdown.denoise_s + breakdown.decode_s
+    assert 0 < parts <= breakdown.total_s
+    # the wrappers are gone afterwards
+    assert "encode_prompt" not in vars(fp32_runner.pipe) and "decode" not in vars(fp32_runner.pipe.vae)
+
+
+def test_sdpa_and_batch_size():
+    runner = build_pipeline("fp32-sdpa", preset="tiny", steps=2, batch_size=2)
+    try:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        assert all(isinstance(p, AttnProcessor2_0) for p in runner.pipe.unet.attn_processors.values())
+        assert runner.generate().images.shape == (2, 64, 64, 3)
+    finally:
+        runner.close()
+
+
+def test_int8_dynamic_quant_applies_the_guides_filters():
+    runner = build_pipeline("bf16-sdpa-cl-fuseqkv-int8dq", preset="tiny", steps=1)
+    try:
+        linears = [m for m in runner.pipe.unet.modules() if isinstance(m, torch.nn.Linear)]
+        quantized = [m for m in linears if type(m.weight).__name__ != "Parameter"]
+        assert quantized, "no linear layer was quantized"
+        assert all(m.in_features > 16 for m in quantized)
+        out = runner.generate().images
+        assert out.shape == (1, 64, 64, 3)
+    finally:
+        runner.close()
+
+
+def test_compile_step_restores_inductor_config_on_close():
+    import torch._inductor.config as cfg
+
+    before = cfg.coordinate_descent_tuning
+    runner = build_pipeline("fp32-sdpa-compile", preset="tiny", steps=1)
+    assert cfg.coordinate_descent_tuning is True and cfg.epilogue_fusion is False
+    runner.close()
+    assert cfg.coordinate_descent_tuning == before and cfg.epilogue_fusion is True
+
+
+def test_local_weights_round_trip(tmp_path, fp32_runner):
+    folder = tmp_path / "tiny-pipeline"
+    fp32_runner.pipe.save_pretrained(folder, safe_serialization=True)
+    assert list(folder.rglob("*.safetensors")) and not list(folder.rglob("*.bin"))
+    assert td.preset_of_folder(folder) == "tiny"
+    case = make_case("fp32-classic", preset="tiny", steps=2, weights=str(folder))
+    loaded = build_pipeline(case)
+    try:
+        assert np.array_equal(loaded.generate().images, fp32_runner.generate().images)
+    finally:
+        loaded.close()
+
+
+def test_pickle_only_folder_is_refused(tmp_path, fp32_runner):
+    folder = tmp_path / "pickled"
+    fp32_runner.pipe.save_pretrained(folder, safe_serialization=False)
+    with pytest.raises(ValueError, match="only pickle weights .*diffperf loads safetensors only"):
+        td.load_local_pipeline(folder, torch.float32)
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        td.load_local_pipeline(tmp_path, torch.float32)
+
+
+def test_perf_weights_option_runs_the_saved_pipeline(tmp_path, fp32_runner, pytester):
+    folder = tmp_path / "w"
+    fp32_runner.pipe.save_pretrained(folder, safe_serialization=True)
+    from tests.conftest import REPO
+
+    (pytester.path / "test_perf.py").write_text((REPO / "perf" / "test_pipelines.py").read_text())
+    pytester.makeini("[pytest]\naddopts = -p diffperf.plugin --strict-markers\n")
+    result = pytester.runpytest_subprocess(
+        "--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-classic", "--perf-weights", str(folder),
+        "--perf-steps", "2", "--perf-rounds", "2", "--perf-warmup-rounds", "0", "-m", "cpu",
+        "--benchmark-json", "out.json",
+    )
+    result.assert_outcomes(passed=2)
+    bench = json.loads((pytester.path / "out.json").read_text())["benchmarks"][0]
+    assert bench["extra_info"]["case"]["weights"] == str(folder.resolve())
