@@ -213,8 +213,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "perf_tolerance(fraction): per-test latency tolerance for the regression gate")
     configure_caches(_cache_dir(config), config.getoption("perf_frameworks"))
     reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
     if reporter is not None:
-        progress.sink = reporter.write_line
+
+        def sink(line: str) -> None:
+            # Progress must reach the terminal while a test's output is being captured.
+            if capman is not None:
+                with capman.global_and_fixture_disabled():
+                    reporter.write_line(line)
+            else:
+                reporter.write_line(line)
+
+        progress.sink = sink
     config._diffperf_session = PerfSession(config)  # type: ignore[attr-defined]
 
 

@@ -332,6 +332,9 @@ def build(case: Case) -> TorchRunner:
         import pytest
 
         pytest.skip("torch has no CUDA support in this environment (CPU-only torch build or no driver)")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # the fp32 -> bf16 cast warning is expected here
     device = torch.device("cuda" if case.device == "cuda" else "cpu")
     dtype = DTYPES[recipe.precision]
     preset = get_preset(case.preset)
