@@ -16,6 +16,9 @@ different build), so every trial has its own baseline and the no-change trials a
 Both gates see the same samples: diffperf's (:func:`diffperf.stats.compare_samples`: median ratio above
 ``1 + tolerance`` and one-sided Mann-Whitney ``p < alpha``) and pytest-benchmark's
 ``--benchmark-compare-fail=mean:5%`` (``PercentageRegressionCheck``: ``head.mean / base.mean * 100 - 100 > 5``).
+Each round also times a fixed reference workload (:func:`reference_workload`); the "reference-normalized"
+rows rescale head rounds by how much slower the machine ran that workload than at baseline time, which
+shows how much of the false alarms come from the machine's load changing between runs.
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ def collect(recipes: list[str], runs: int, rounds: int, steps: int, slowdowns: l
                 for _ in range(warmup):
                     runner.generate()
                 samples: dict[str, list[float]] = {str(c): [] for c in conditions}
+                samples["reference"] = []
                 for r in range(rounds):
+                    samples["reference"].append(reference_workload())
                     k = r % len(conditions)
                     for cond in conditions[k:] + conditions[:k]:
                         runner.synchronize()
@@ -91,6 +96,23 @@ def collect(recipes: list[str], runs: int, rounds: int, steps: int, slowdowns: l
     return raw
 
 
+_REF: dict = {}
+
+
+def reference_workload() -> float:
+    """Seconds of a fixed torch workload (matmuls on the suite's threads): how fast the machine is right now."""
+    import torch
+
+    if not _REF:
+        g = torch.Generator().manual_seed(0)
+        _REF["a"] = torch.randn(384, 384, generator=g)
+    a = _REF["a"]
+    t0 = time.perf_counter()
+    for _ in range(20):
+        torch.mm(a, a)
+    return time.perf_counter() - t0
+
+
 def pytest_benchmark_fails(head: list[float], base: list[float], percent: float = 5.0) -> bool:
     """``--benchmark-compare-fail=mean:5%`` exactly as pytest-benchmark computes it."""
     from pytest_benchmark.utils import PercentageRegressionCheck
@@ -98,6 +120,13 @@ def pytest_benchmark_fails(head: list[float], base: list[float], percent: float 
     check = PercentageRegressionCheck("mean", percent)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return bool(check.fails({"mean": mean(head)}, {"mean": mean(base)}))
+
+
+def normalized(head: list[float], head_test: dict, base_test: dict) -> list[float]:
+    """Head rounds rescaled by how much slower the machine ran the reference workload than at baseline time."""
+    med = lambda xs: float(stats.np.median(xs))  # noqa: E731
+    factor = med(base_test["reference"]) / med(head_test["reference"])
+    return [x * factor for x in head]
 
 
 def evaluate(raw: dict, tolerances: list[float], alpha: float, pb_percent: float) -> dict:
@@ -115,6 +144,8 @@ def evaluate(raw: dict, tolerances: list[float], alpha: float, pb_percent: float
                               "median_min_detectable_slowdown": float(stats.np.median(
                                   [stats.min_detectable_slowdown(b["tests"][t]["0.0"], alpha=alpha) for b in batches]))}
     gates = {f"diffperf tolerance={tol:.0%}": ("diffperf", tol) for tol in tolerances}
+    if "reference" in batches[0]["tests"][tests[0]]:
+        gates.update({f"diffperf tolerance={tol:.0%}, reference-normalized": ("norm", tol) for tol in tolerances})
     gates[f"pytest-benchmark mean:{pb_percent:g}%"] = ("pb", pb_percent)
     for name, (kind, param) in gates.items():
         flagged = {c: 0 for c in conditions}
@@ -126,6 +157,9 @@ def evaluate(raw: dict, tolerances: list[float], alpha: float, pb_percent: float
                     head = batches[i]["tests"][t][c]
                     if kind == "pb":
                         hit = pytest_benchmark_fails(head, base, param)
+                    elif kind == "norm":
+                        head = normalized(head, batches[i]["tests"][t], batches[i - 1]["tests"][t])
+                        hit = stats.compare_samples(head, base, tolerance=param, alpha=alpha).verdict == "regressed"
                     else:
                         hit = stats.compare_samples(head, base, tolerance=param, alpha=alpha).verdict == "regressed"
                     flagged[c] += hit
@@ -139,6 +173,9 @@ def evaluate(raw: dict, tolerances: list[float], alpha: float, pb_percent: float
             base, head = batches[a]["tests"][t]["0.0"], batches[b]["tests"][t]["0.0"]
             if kind == "pb":
                 pair_alarms += pytest_benchmark_fails(head, base, param)
+            elif kind == "norm":
+                head = normalized(head, batches[b]["tests"][t], batches[a]["tests"][t])
+                pair_alarms += stats.compare_samples(head, base, tolerance=param, alpha=alpha).verdict == "regressed"
             else:
                 pair_alarms += stats.compare_samples(head, base, tolerance=param, alpha=alpha).verdict == "regressed"
         result["gates"][name] = {

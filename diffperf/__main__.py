@@ -1,4 +1,4 @@
-"""``python -m diffperf``: list presets, compare saved runs, measure one case outside pytest."""
+"""``python -m diffperf``: list presets, compare saved runs, launch isolated runs, measure one case outside pytest."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_presets)
     p = sub.add_parser("compare", help="compare two saved runs (see python -m diffperf compare -h)", add_help=False)
     p.set_defaults(func=None)
+    p = sub.add_parser("launch", help="run pytest in isolated processes, one worker per device, and merge the results "
+                                      "(see python -m diffperf launch -h)", add_help=False)
+    p.set_defaults(func=None)
     p = sub.add_parser("run", help="build and measure one case outside pytest")
     p.add_argument("recipe", help="recipe tag or name, e.g. fp32-sdpa or bf16-sdpa-cl-compile")
     p.add_argument("--framework", default="torch", choices=("torch", "tf", "jax"), help="default: torch")
@@ -55,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from diffperf.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv and argv[0] == "launch":
+        from diffperf.launcher import main as launch_main
+
+        return launch_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

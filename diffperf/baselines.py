@@ -91,6 +91,7 @@ def make_entry(test_id: str, record: dict, versions: dict | None = None, commit:
         "peak_memory_bytes": int(steady) if steady is not None else None,
         "memory_kind": record.get("memory_kind"),
         "compile_s": round_sig(float(compile_s)) if compile_s is not None else None,
+        "reference_s": round_sig(float(record["reference_s"])) if record.get("reference_s") else None,
         "versions": dict(versions or {}),
         "commit": dict(commit or {}),
         "recorded_at": recorded_at or _utc_now(),
@@ -110,7 +111,7 @@ def validate_entry(entry: Any, where: str) -> None:
         raise BaselineError(f"{where}: 'samples_s' must be a non-empty list of positive seconds")
     if not isinstance(entry.get("rounds"), int) or entry["rounds"] < 1:
         raise BaselineError(f"{where}: 'rounds' must be a positive integer")
-    for key in ("peak_memory_bytes", "compile_s", "median_s"):
+    for key in ("peak_memory_bytes", "compile_s", "median_s", "reference_s"):
         value = entry.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise BaselineError(f"{where}: {key!r} must be a non-negative number or null")

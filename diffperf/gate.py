@@ -4,6 +4,11 @@ Latency is judged statistically (:func:`diffperf.stats.compare_samples`: median 
 *and* a significant one-sided Mann-Whitney U). Peak memory and compile seconds are one number per run, so
 no test is possible: they fail when the measured value exceeds the baseline by more than their own
 tolerance (``memory_tolerance`` 10 %, ``compile_tolerance`` 25 %), and say "improved" when below it.
+
+Note: a shared runner's speed drifts between runs (other jobs, frequency), which no test on the rounds of
+one run can tell from a regression. When a record carries ``reference_s`` -- the median seconds of a fixed
+reference workload timed between the rounds -- and its baseline does too, the measured rounds are rescaled
+by ``baseline reference / measured reference`` before the test (``info["machine_speed_factor"]``).
 """
 
 from __future__ import annotations
@@ -128,6 +133,11 @@ class Gate:
             info["verdict"] = "error"
             return GateOutcome(True, f"{test_id}: the record has no samples; nothing compared", info, "error")
 
+        factor = 1.0
+        if record.get("reference_s") and base.get("reference_s"):
+            factor = float(base["reference_s"]) / float(record["reference_s"])
+            samples = [x * factor for x in samples]
+        info["machine_speed_factor"] = factor
         cmp = stats.compare_samples(samples, base["samples_s"], tolerance=tol, alpha=s.alpha, n_boot=s.n_boot, seed=s.seed)
         info.update(verdict=cmp.verdict, baseline_median_s=cmp.base_median, measured_median_s=cmp.head_median,
                     ratio=cmp.ratio, ratio_ci=[cmp.ci.low, cmp.ci.high], p_slower=cmp.p_slower,
@@ -135,6 +145,9 @@ class Gate:
                     baseline_rounds=base.get("rounds"), baseline_commit=(base.get("commit") or {}).get("id"))
         lines = [f"latency {cmp.describe()}, baseline rounds {len(base['samples_s'])}, measured rounds {len(samples)}, "
                  f"CV {info['cv']:.1%}, min detectable slowdown {cmp.min_detectable:.1%}"]
+        if factor != 1.0:
+            lines.append(f"measured rounds rescaled by {factor:.3f} (reference workload: baseline "
+                         f"{stats.fmt_seconds(base['reference_s'])}, now {stats.fmt_seconds(record['reference_s'])})")
         failures = ["latency"] if cmp.verdict == "regressed" else []
 
         mem_v, mem_line = _single_value("peak memory", _steady_memory(record.get("peak_memory_bytes")),

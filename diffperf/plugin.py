@@ -180,6 +180,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write this run's results into baselines/<hardware-id>.json (atomically, keeping other entries). Default: off.")
     add("--perf-inject-slowdown", type=parse_fraction("injected slowdown"), default=0.0, metavar="FRACTION",
         help="make every timed call this much slower (calibrates the gate; never use for real runs). Default: 0.")
+    add("--perf-journal", default=None, metavar="FILE",
+        help="append one JSON line per finished test (fsync'ed at once: a crash loses nothing measured), or "
+             "'none'. Default: <cache dir>/journal/<time>-<pid>.jsonl.")
+    add("--perf-select", default=None, metavar="FILE",
+        help="run only the node ids listed in FILE, one a line (used by python -m diffperf launch). Default: all.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,6 +206,7 @@ def configure_caches(cache: Path, frameworks: tuple[str, ...]) -> None:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache / "jax"))
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares the GPU
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # so does TensorFlow
     # diffusers/transformers' TensorFlow classes are never used (KerasCV has its own models).
     os.environ.setdefault("USE_TF", "0")
     if "jax" not in frameworks:
@@ -226,6 +232,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
         progress.sink = sink
     config._diffperf_session = PerfSession(config)  # type: ignore[attr-defined]
+    from diffperf import results
+
+    results.configure(config, _cache_dir(config))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -87,10 +87,13 @@ def read_journal(path: str | os.PathLike) -> list[dict]:
 
 
 def case_entries(entries: Iterable[dict]) -> dict[str, dict]:
-    """The last ``case`` entry per node id."""
+    """The last ``case`` entry per node id (keeping the benchmark of its call when a teardown failed later)."""
     out: dict[str, dict] = {}
     for e in entries:
         if e.get("event") == "case":
+            prev = out.get(e["nodeid"])
+            if prev is not None and prev.get("benchmark") and not e.get("benchmark"):
+                e = e | {"benchmark": prev["benchmark"]}
             out[e["nodeid"]] = e
     return out
 
@@ -129,9 +132,11 @@ def _reason(report: pytest.TestReport) -> str | None:
 class JournalPlugin:
     """Writes the journal of this pytest process and applies ``--perf-select``."""
 
-    def __init__(self, config: pytest.Config, path: Path | None, select: Path | None):
+    def __init__(self, config: pytest.Config, path: Path | None, select: Path | None, only_perf: bool = False):
         self.config = config
-        self.journal = Journal(path) if path is not None else None
+        self.path = path
+        self.only_perf = only_perf  # the default journal is kept only for runs that measure cases
+        self.journal: Journal | None = None
         self.select = None
         if select is not None:
             self.select = [ln.strip() for ln in Path(select).read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -152,10 +157,18 @@ class JournalPlugin:
     # -- journal -----------------------------------------------------------------------------------
 
     def _write(self, entry: dict) -> None:
-        if self.journal is not None:
-            self.journal.append({"schema": JOURNAL_SCHEMA, "time": time.time(), "pid": os.getpid()} | entry)
+        if self.path is None:
+            return
+        if self.journal is None:
+            self.journal = Journal(self.path)
+            self.journal.append(self._header())
+        self.journal.append({"schema": JOURNAL_SCHEMA, "time": time.time(), "pid": os.getpid()} | entry)
 
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if self.only_perf and not any("perf_case" in getattr(it, "fixturenames", ()) for it in session.items):
+            self.path = None
+
+    def _header(self) -> dict:
         bs = getattr(self.config, "_benchmarksession", None)
         machine_info = commit_info = None
         machine_id = None
@@ -167,11 +180,12 @@ class JournalPlugin:
                 machine_id = bs.machine_id
             except Exception as exc:  # never lose a run over its metadata
                 machine_info = {"error": f"{type(exc).__name__}: {exc}"}
-        self._write({
+        return {
+            "schema": JOURNAL_SCHEMA, "time": time.time(), "pid": os.getpid(),
             "event": "run", "argv": sys.argv, "machine_id": machine_id,
             "machine_info": machine_info, "commit_info": commit_info,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        })
+        }
 
     def pytest_runtest_logstart(self, nodeid: str, location) -> None:
         self._write({"event": "start", "nodeid": nodeid})
@@ -215,7 +229,8 @@ def configure(config: pytest.Config, cache_dir: Path) -> None:
     select = config.getoption("perf_select", None)
     if path is None and select is None:
         return
-    config.pluginmanager.register(JournalPlugin(config, path, Path(select) if select else None), "diffperf-journal")
+    plugin = JournalPlugin(config, path, Path(select) if select else None, only_perf=not opt)
+    config.pluginmanager.register(plugin, "diffperf-journal")
 
 
 # --------------------------------------------------------------------------------------------------

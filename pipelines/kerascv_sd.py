@@ -424,7 +424,8 @@ def savedmodel_key(case: Case) -> str:
         arch=dataclasses.asdict(Arch.from_preset(get_preset(case.preset))),
     )
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{case.preset}-{recipe.keras_policy}-{case.height}x{case.width}-bs{case.batch_size}-{case.steps}steps-seed{case.seed}-{digest}"
+    size = f"{case.height}x{case.width}-bs{case.batch_size}-{case.steps}steps-seed{case.seed}"
+    return f"{case.preset}-{recipe.keras_policy}-{size}-{digest}"
 
 
 def _variables_module(model: keras.Model) -> tf.Module:

@@ -183,3 +183,17 @@ def test_update_records_every_checked_test_and_keeps_others(tmp_path):
     data = json.loads(baseline_path(tmp_path, HW).read_text())["entries"]
     assert set(data) == {"t::a", "t::other"}
     assert data["t::a"]["commit"] == {"id": "abc"} and data["t::a"]["median_s"] > 1.3
+
+
+def test_reference_workload_rescales_a_slower_machine(tmp_path):
+    rec = record(lognormal(20, seed=1))
+    rec["reference_s"] = 0.05
+    store = BaselineStore.load(baseline_path(tmp_path, HW))
+    store.put(make_entry("t::a", rec))
+    store.save()
+    gate = Gate(GateSettings(baselines_dir=tmp_path))
+    busy = record(lognormal(20, 1.5, seed=2))
+    assert gate.check("t::a", HW, busy).failed
+    busy["reference_s"] = 0.075  # the whole machine ran 1.5x slower
+    out = gate.check("t::a", HW, busy)
+    assert not out.failed and abs(out.info["machine_speed_factor"] - 2 / 3) < 1e-9 and "rescaled" in out.message
