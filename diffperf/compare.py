@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from diffperf import stats
+from diffperf.baselines import _umask
 
 RECORD_SCHEMA = 1
 VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
@@ -438,6 +439,7 @@ def _write_text(path: str | os.PathLike[str], text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 
 

@@ -159,7 +159,8 @@ class Launch:
             tag = f"{self.counter:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)[:60]}"
         select, journal, log = (self.run_dir / f"{tag}{ext}" for ext in (".select", ".jsonl", ".log"))
         select.write_text("\n".join(nodeids) + "\n", encoding="utf-8")
-        env = dict(os.environ)
+        # Each worker is a pytest session of its own, never an xdist worker (pytest-benchmark would turn off).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         cmd = [self.python, "-m", "pytest", *self.pytest_args, "--perf-select", str(select), "--perf-journal", str(journal)]
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     own, pytest_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(
         prog="python -m diffperf launch", usage="%(prog)s [options] -- PYTEST_ARGS...",
-        description=__doc__.split("\n\n")[0] + " Example: python -m diffperf launch --devices all --save nightly "
+        description="Run the benchmark matrix in isolated pytest processes, one worker per device, and merge the "
+                    "results into one saved run. Example: python -m diffperf launch --devices all --save nightly "
                     "-- perf -m cuda",
     )
     p.add_argument("--isolate", choices=("auto", "framework", "case", "none"), default="auto",

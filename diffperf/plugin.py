@@ -206,6 +206,9 @@ def configure_caches(cache: Path, frameworks: tuple[str, ...]) -> None:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache / "jax"))
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares the GPU
+    tf_flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "tf_xla_persistent_cache_directory" not in tf_flags:
+        os.environ["TF_XLA_FLAGS"] = f"{tf_flags} --tf_xla_persistent_cache_directory={cache / 'tf-xla'}".strip()
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # so does TensorFlow
     # diffusers/transformers' TensorFlow classes are never used (KerasCV has its own models).
     os.environ.setdefault("USE_TF", "0")

@@ -119,8 +119,10 @@ SPEC = register(
             "savedmodel-xlatext": (R(savedmodel=True, jit_compile=True, xla_text_encoder=True),),
             "bf16": (R(precision="mixed_bfloat16"), R(precision="mixed_bfloat16", jit_compile=True)),
             "all": GUIDE_LADDER + SAVEDMODEL,
+            "cpu": (R(), R(jit_compile=True)),
         },
-        default="ladder",
+        # On CPU: the guide's baseline and its XLA step (mixed float16 has no fast CPU kernels).
+        default={"cpu": "cpu", "cuda": "ladder"},
         module="pipelines.kerascv_sd",
     )
 )

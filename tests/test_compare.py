@@ -11,7 +11,6 @@ import pytest
 
 from diffperf import compare as cmp
 
-pytest_plugins = ["pytester"]
 
 HW = "cpu-2c-test-cpu"
 

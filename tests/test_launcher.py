@@ -41,7 +41,9 @@ FAST = ["--perf-rounds", "2", "--perf-warmup-rounds", "0", "-p", "no:randomly"]
 
 
 @pytest.fixture
-def suite(fake_suite):
+def suite(fake_suite, monkeypatch):
+    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # under -n, the runs below are not workers
+        monkeypatch.delenv(var, raising=False)
     fake_suite.makeconftest(ALL_FAKE_CONFTEST)
     builder = fake_suite.path / "fake_builder.py"
     builder.write_text(builder.read_text() + FAULTS)

@@ -66,6 +66,8 @@ def test_merge_and_save_number_like_pytest_benchmark(tmp_path):
 
 def test_hard_kill_mid_run_keeps_every_finished_case(fake_suite, monkeypatch):
     """A plain pytest run whose process dies on its second case: the first case's result is on disk."""
+    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # under -n, this run is not a worker
+        monkeypatch.delenv(var, raising=False)
     fake_suite.makeconftest(ALL_FAKE_CONFTEST)
     builder = fake_suite.path / "fake_builder.py"
     builder.write_text(builder.read_text() + FAULTS)
