@@ -27,7 +27,7 @@ class GateSettings:
     tolerance: float = 0.10
     memory_tolerance: float = 0.10
     compile_tolerance: float = 0.25
-    alpha: float = 0.05
+    alpha: float = 0.01
     update: bool = False
     baselines_dir: str | os.PathLike[str] = "baselines"
     n_boot: int = stats.DEFAULT_BOOT

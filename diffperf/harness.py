@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib
-import math
 import statistics
 import time
 from typing import Any, Callable
@@ -66,15 +65,15 @@ def prepare(case: Case) -> Prepared:
     return Prepared(case, runner, built["seconds"], cold.seconds, cold_peak, generation, breakdown)
 
 
-def _required_rounds(cv: float, tolerance: float) -> int:
-    """Rounds for a one-sided test to see a ``tolerance`` slowdown at noise ``cv`` (alpha 5%, power 80%)."""
-    try:
-        from diffperf import stats
+def _required_rounds(warm: list[float], tolerance: float, min_rounds: int, budget_s: float) -> int:
+    """Rounds for the gate to catch a ``tolerance`` slowdown at the warmup's noise, within ``budget_s``."""
+    from diffperf import stats
 
-        return stats.required_rounds(cv, tolerance)
-    except (ImportError, AttributeError):
-        z = 1.645 + 0.842
-        return math.ceil(2 * (z * cv / tolerance) ** 2) if tolerance > 0 else 1
+    if tolerance <= 0:
+        return min_rounds
+    return stats.required_rounds(stats.robust_cv(warm), tolerance, alpha=0.01, power=0.95, tolerance=tolerance,
+                                 min_rounds=min_rounds, max_rounds=max(min_rounds, 200),
+                                 round_seconds=statistics.median(warm), budget_s=budget_s)
 
 
 @dataclasses.dataclass
@@ -94,9 +93,7 @@ def plan_rounds(prepared: Prepared, min_rounds: int, warmup_rounds: int, max_tim
     warm = [timed_call(call, runner.synchronize).seconds for _ in range(max(warmup_rounds, 0))]
     rounds = min_rounds
     if len(warm) >= 3:
-        cv = statistics.stdev(warm) / statistics.fmean(warm)
-        budget = int(max_time_s / max(statistics.median(warm), 1e-9))
-        rounds = max(min_rounds, min(_required_rounds(cv, tolerance), budget))
+        rounds = _required_rounds(warm, tolerance, min_rounds, max_time_s)
     return RoundPlan(warm, rounds)
 
 

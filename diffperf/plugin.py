@@ -174,8 +174,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="peak-memory growth tolerated. Default: 10%%.")
     add("--perf-compile-tolerance", type=parse_fraction("compile tolerance"), default=0.25, metavar="FRACTION",
         help="compile-time growth tolerated. Default: 25%%.")
-    add("--perf-alpha", type=parse_fraction("alpha", upper=0.5), default=0.05, metavar="P",
-        help="significance level of the regression test. Default: 0.05.")
+    add("--perf-alpha", type=parse_fraction("alpha", upper=0.5), default=0.01, metavar="P",
+        help="significance level of the regression test (one-sided Mann-Whitney U). Default: 0.01.")
     add("--perf-update-baselines", action="store_true", default=False,
         help="write this run's results into baselines/<hardware-id>.json (atomically, keeping other entries). Default: off.")
     add("--perf-inject-slowdown", type=parse_fraction("injected slowdown"), default=0.0, metavar="FRACTION",
@@ -442,7 +442,14 @@ def _make_gate(config: pytest.Config):
 def pytest_sessionfinish(session: pytest.Session) -> None:
     perf = getattr(session.config, "_diffperf_session", None)
     if perf is not None and perf.gate is not None:
-        perf.gate.finish()
+        from diffperf.baselines import BaselineError
+
+        try:
+            for path in perf.gate.finish():
+                progress.say(f"baselines written: {path}")
+        except BaselineError as exc:
+            progress.say(f"baselines NOT written: {exc}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

@@ -123,15 +123,15 @@ def required_rounds(noise_cv: float, target_slowdown: float, alpha: float = 0.05
     Normal approximation for the median of each side (variance ``pi/2 * cv**2 / n``), two sides with equal
     rounds, so ``se(log ratio) = cv * sqrt(pi / n)``. Both conditions of the rule must hold: significance,
     ``(z[1-alpha] + z[power]) * se <= log(1 + target)``, and the estimate beyond the tolerance,
-    ``z[power] * se <= log((1 + target) / (1 + tolerance))``. Pass :func:`robust_cv` of the rounds seen so
+    ``z[power] * se <= log((1 + target) / (1 + tolerance / 2))``. Pass :func:`robust_cv` of the rounds seen so
     far. Clamped to ``[min_rounds, max_rounds]`` and, given ``round_seconds`` and ``budget_s``, to the
     rounds the time budget affords (never below ``min_rounds``).
     """
-    if target_slowdown <= tolerance or target_slowdown <= 0:
-        raise ValueError("target_slowdown must be positive and above the tolerance")
+    if target_slowdown <= tolerance / 2 or target_slowdown <= 0:
+        raise ValueError("target_slowdown must be positive and above half the tolerance")
     cv_ = max(noise_cv, 0.0)
     n_sig = math.pi * ((_z(1 - alpha) + _z(power)) * cv_ / math.log1p(target_slowdown)) ** 2
-    n_tol = math.pi * (_z(power) * cv_ / math.log((1 + target_slowdown) / (1 + tolerance))) ** 2
+    n_tol = math.pi * (_z(power) * cv_ / math.log((1 + target_slowdown) / (1 + tolerance / 2))) ** 2
     n = max(min_rounds, min(max_rounds, math.ceil(max(n_sig, n_tol))))
     if round_seconds and budget_s is not None and round_seconds > 0:
         n = min(n, max(min_rounds, int(budget_s // round_seconds)))
@@ -170,10 +170,15 @@ def compare_samples(head: Sequence[float], base: Sequence[float], tolerance: flo
                     n_boot: int = DEFAULT_BOOT, seed: int = DEFAULT_SEED) -> Comparison:
     """The gate's decision rule on two sets of round times.
 
-    * ``regressed``: median ratio above ``1 + tolerance`` *and* Mann-Whitney (head slower) ``p < alpha``;
-    * ``improved``: median ratio below ``1 - tolerance`` *and* Mann-Whitney (head faster) ``p < alpha``;
-    * ``inconclusive``: the ratio is beyond the tolerance but not significant, or the rounds cannot detect
-      a slowdown of the tolerance's size (minimum detectable slowdown above the tolerance);
+    Note: the tolerance is the smallest slowdown the gate must catch, so a rule "point estimate above
+    ``1 + tolerance``" would miss half of the slowdowns of exactly that size. Instead:
+
+    * ``regressed``: head is slower (one-sided Mann-Whitney ``p < alpha``), the median ratio's confidence
+      interval reaches ``1 + tolerance`` (a slowdown of the tolerance's size cannot be ruled out) and the
+      ratio itself is above ``1 + tolerance / 2`` (small, significant drifts do not fail);
+    * ``improved``: the mirror image, faster;
+    * ``inconclusive``: the ratio is beyond half the tolerance but not significant, or the rounds cannot
+      detect a slowdown of the tolerance's size (minimum detectable slowdown above the tolerance);
     * ``unchanged``: otherwise.
     """
     h, b = _arr(head), _arr(base)
@@ -181,11 +186,12 @@ def compare_samples(head: Sequence[float], base: Sequence[float], tolerance: flo
     p_slow = mann_whitney_p(h, b, "greater")
     p_fast = mann_whitney_p(h, b, "less")
     mds = min_detectable_slowdown(h, b, alpha=alpha, seed=seed)
-    if ci.ratio > 1 + tolerance and p_slow < alpha:
+    half = tolerance / 2
+    if p_slow < alpha and ci.high >= 1 + tolerance and ci.ratio > 1 + half:
         verdict = "regressed"
-    elif ci.ratio < 1 - tolerance and p_fast < alpha:
+    elif p_fast < alpha and ci.low <= 1 - tolerance and ci.ratio < 1 - half:
         verdict = "improved"
-    elif abs(ci.ratio - 1) > tolerance or mds > tolerance:
+    elif abs(ci.ratio - 1) > half or mds > tolerance:
         verdict = "inconclusive"
     else:
         verdict = "unchanged"
