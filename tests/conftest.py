@@ -96,4 +96,5 @@ def fake_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
     pytester.makeini("[pytest]\naddopts = -p diffperf.plugin --strict-markers\n")
     monkeypatch.setenv("PYTHONPATH", f"{pytester.path}:{REPO}")
     monkeypatch.setenv("FAKE_EVENTS", str(pytester.path / "events.json"))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # pytest-benchmark disables itself under xdist
     return pytester
