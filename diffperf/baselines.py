@@ -18,8 +18,9 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from diffperf.fileio import atomic_write_text, read_json
 from typing import Any
 
 SCHEMA = 1
@@ -46,30 +47,8 @@ def round_sig(x: float, digits: int = 6) -> float:
 
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as JSON (indent 2, sorted keys, trailing newline) to a temp file, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write ``data`` as JSON (indent 2, sorted keys, trailing newline) atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _utc_now() -> str:
@@ -143,19 +122,8 @@ class BaselineStore:
         path = Path(path)
         if not path.exists():
             return cls(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BaselineError(f"baseline file {path}: cannot be read ({exc})") from exc
-        if not text.strip():
-            raise BaselineError(f"baseline file {path}: the file is empty; delete it or restore it from git")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BaselineError(
-                f"baseline file {path}: corrupted JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
-                "restore it from git (it will not be overwritten)"
-            ) from exc
+        data = read_json(path, "baseline file", BaselineError,
+                         hint="; restore it from git (it will not be overwritten)")
         if not isinstance(data, dict) or SCHEMA_KEY not in data:
             raise BaselineError(f"baseline file {path}: not a diffperf baseline (no {SCHEMA_KEY!r} key)")
         schema = data[SCHEMA_KEY]

@@ -35,6 +35,13 @@ class Recipe:
     def from_tag(cls, tag: str) -> "Recipe":  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @staticmethod
+    def canonical(recipe: "Recipe", tag: str) -> "Recipe":
+        """Return ``recipe`` if ``tag`` is its canonical spelling; else a RecipeError saying how to write it."""
+        if recipe.tag() != "-".join(t for t in tag.strip().split("-") if t):
+            raise RecipeError(f"recipe {tag!r} is out of order or not canonical; write it as {recipe.tag()!r}")
+        return recipe
+
     def unsupported(self, device: str) -> str | None:
         """Why this recipe cannot run on ``device`` (a skip reason), or ``None``."""
         return None

@@ -14,15 +14,15 @@ import argparse
 import dataclasses
 import html
 import io
-import json
 import os
 import re
 import sys
 from pathlib import Path
+
+from diffperf.fileio import atomic_write_text, read_json
 from typing import Any, Iterable, Sequence
 
 from diffperf import stats
-from diffperf.baselines import _umask
 
 RECORD_SCHEMA = 1
 VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
@@ -69,16 +69,7 @@ class SavedRun:
 def load_run(path: str | os.PathLike[str]) -> SavedRun:
     """Read and validate one pytest-benchmark saved run; :class:`RunError` names the file and the problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunError(f"saved run {path}: cannot be read ({exc})") from exc
-    if not text.strip():
-        raise RunError(f"saved run {path}: the file is empty")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RunError(f"saved run {path}: corrupted JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from exc
+    data = read_json(path, "saved run", RunError)
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise RunError(f"saved run {path}: not a pytest-benchmark saved run (no 'benchmarks' list)")
     if not isinstance(data.get("machine_info"), dict):
@@ -432,15 +423,7 @@ def render_html(rows: Sequence[Row], base: SavedRun, head: SavedRun, trend_runs:
 
 
 def _write_text(path: str | os.PathLike[str], text: str) -> None:
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def trend_runs_for(head: SavedRun, storage: str | os.PathLike[str], n: str) -> list[SavedRun]:

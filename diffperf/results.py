@@ -318,9 +318,6 @@ def write_json(run: dict, path: str | os.PathLike) -> Path:
     """Write ``run`` to ``path`` atomically (temp file + rename)."""
     from pytest_benchmark.utils import safe_dumps
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(safe_dumps(run, ensure_ascii=True, indent=4), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from diffperf.fileio import atomic_write_text
+
+    return atomic_write_text(path, safe_dumps(run, ensure_ascii=True, indent=4))

@@ -16,6 +16,7 @@ import string
 import tempfile
 from pathlib import Path
 
+from diffperf.fileio import atomic_write_text
 from diffperf.presets import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE
 
 
@@ -63,10 +64,7 @@ def write_tokenizer_files(directory: str | os.PathLike[str]) -> Path:
         ("vocab.json", json.dumps(vocab, ensure_ascii=False)),
         ("merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n"),
     ):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, directory / name)
+        atomic_write_text(directory / name, text)
     return directory
 
 

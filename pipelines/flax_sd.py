@@ -625,12 +625,3 @@ def build(case: Case) -> FlaxRunner:
         if name in counts and counts[name] != expected:
             info.setdefault("param_count_mismatch", {})[name] = {"flax": counts[name], "expected": expected}
     return FlaxRunner(case, pipe, p_params, devices, info)
-
-
-@contextlib.contextmanager
-def built(case: Case):
-    runner = build(case)
-    try:
-        yield runner
-    finally:
-        runner.close()

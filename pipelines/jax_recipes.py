@@ -73,9 +73,7 @@ class FlaxRecipe(Recipe):
             else:
                 raise RecipeError(f"recipe {tag!r}: unknown token {tok!r} (known: splithead, <n>dev, alldev)")
         recipe = cls(**kw)
-        if recipe.tag() != "-".join(t for t in tag.strip().split("-") if t):
-            raise RecipeError(f"recipe {tag!r} is out of order or not canonical; write it as {recipe.tag()!r}")
-        return recipe
+        return cls.canonical(recipe, tag)
 
     def unsupported(self, device: str) -> str | None:
         # Device counts and backends are only known once jax is imported: build() skips for those.

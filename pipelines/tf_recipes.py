@@ -75,9 +75,7 @@ class KerasRecipe(Recipe):
                 raise RecipeError(f"recipe {tag!r} repeats token {tok!r}")
             kw[flags[tok]] = True
         recipe = cls(**kw)
-        if recipe.tag() != "-".join([t for t in tag.strip().split("-") if t]):
-            raise RecipeError(f"recipe {tag!r} is out of order; write it as {recipe.tag()!r}")
-        return recipe
+        return cls.canonical(recipe, tag)
 
     def unsupported(self, device: str) -> str | None:
         if device == "tpu":

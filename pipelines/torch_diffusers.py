@@ -9,7 +9,6 @@ change (inductor config, dynamo caches, matmul precision) is restored by :meth:`
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 from pathlib import Path
@@ -350,12 +349,3 @@ def build(case: Case) -> TorchRunner:
     for step in STEPS:
         step(pipe, recipe, state)
     return TorchRunner(case, pipe, device, state)
-
-
-@contextlib.contextmanager
-def built(case: Case):
-    runner = build(case)
-    try:
-        yield runner
-    finally:
-        runner.close()

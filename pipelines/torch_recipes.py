@@ -90,9 +90,7 @@ class TorchRecipe(Recipe):
                     f"{', '.join(COMPILE_TOKENS)}, graphbreaks, {', '.join(QUANTS)})"
                 )
         recipe = cls(**kw)
-        if recipe.tag() != "-".join([t for t in tag.strip().split("-") if t]):
-            raise RecipeError(f"recipe {tag!r} is out of order; write it as {recipe.tag()!r}")
-        return recipe
+        return cls.canonical(recipe, tag)
 
     def unsupported(self, device: str) -> str | None:
         if device == "tpu":

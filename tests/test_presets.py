@@ -61,7 +61,7 @@ def test_ladder_is_the_guides_sequence():
 @pytest.mark.parametrize("tag, message", [
     ("bf16", "the second token must be the attention"),
     ("bf16-sdpa-int8dq-int8wo", "names two quantizations"),
-    ("bf16-sdpa-compile-cl", "out of order; write it as 'bf16-sdpa-cl-compile'"),
+    ("bf16-sdpa-compile-cl", "out of order or not canonical; write it as 'bf16-sdpa-cl-compile'"),
     ("fp32-classic-fuseqkv", "it needs 'sdpa' attention"),
 ])
 def test_bad_torch_tags(tag, message):
