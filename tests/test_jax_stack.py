@@ -89,7 +89,7 @@ def test_bad_recipe_fields():
 
 def test_spec_reference_and_thresholds():
     spec = framework_spec("jax")
-    assert spec.module == "pipelines.flax_sd" and spec.default in spec.named
+    assert spec.module == "pipelines.flax_sd" and all(name in spec.named for name in spec.default.values())
     ladder = resolve_recipes("jax", ["ladder"])
     assert ladder[0] == FlaxRecipe() and ladder[0].is_reference
     assert FlaxRecipe.from_tag("bf16-aot-splithead-alldev").reference() == FlaxRecipe()

@@ -69,7 +69,7 @@ def test_bad_fields():
 
 def test_spec_and_gating():
     spec = framework_spec("tf")
-    assert spec.module == "pipelines.kerascv_sd" and spec.default in spec.named
+    assert spec.module == "pipelines.kerascv_sd" and all(name in spec.named for name in spec.default.values())
     assert tuple(spec.named["ladder"]) == GUIDE_LADDER
     assert resolve_recipes("tf", ["ladder", "savedmodel", "fp32"]) == list(GUIDE_LADDER + SAVEDMODEL)
     for recipe in _all_named():

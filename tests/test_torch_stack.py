@@ -96,8 +96,8 @@ def test_pickle_only_folder_is_refused(tmp_path, fp32_runner):
         td.load_local_pipeline(tmp_path, torch.float32)
 
 
-def test_perf_weights_option_runs_the_saved_pipeline(tmp_path, fp32_runner, pytester):
-    folder = tmp_path / "w"
+def test_perf_weights_option_runs_the_saved_pipeline(fp32_runner, pytester):
+    folder = pytester.path / "w"  # inside the run's rootdir (pytest derives the rootdir from path-like args)
     fp32_runner.pipe.save_pretrained(folder, safe_serialization=True)
     from tests.conftest import REPO
 
