@@ -216,6 +216,37 @@ def configure_caches(cache: Path, frameworks: tuple[str, ...]) -> None:
         os.environ.setdefault("USE_FLAX", "0")
 
 
+def _atomic_run_storage(config: pytest.Config) -> None:
+    """Make pytest-benchmark's ``--benchmark-save`` write through a temp file and a rename.
+
+    Note: pytest-benchmark's ``FileStorage.save`` opens the final file and writes into it, so a crash
+    mid-write would leave a truncated run that later comparisons choke on; the subclass below only
+    changes how the bytes reach the disk (same file name, numbering and content).
+    """
+    bs = getattr(config, "_benchmarksession", None)
+    storage = getattr(bs, "storage", None)
+    try:
+        from pytest_benchmark.storage.file import FileStorage
+        from pytest_benchmark.utils import safe_dumps
+    except ImportError:  # pragma: no cover
+        return
+    if type(storage) is not FileStorage:
+        return
+
+    class AtomicFileStorage(FileStorage):
+        def save(self, output_json, save):
+            from diffperf.fileio import atomic_write_text
+
+            output_file = self.get(f"{self._next_num}_{save}.json")
+            if output_file.exists():
+                raise FileExistsError(f"refusing to overwrite saved run {output_file}")
+            atomic_write_text(output_file, safe_dumps(output_json, ensure_ascii=True, indent=4))
+            self.logger.info(f"Saved benchmark data in: {output_file}")
+
+    storage.__class__ = AtomicFileStorage
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     for device, reason in (("cpu", "runs on the CPU"), ("cuda", "needs a CUDA GPU"), ("tpu", "needs a TPU VM")):
         config.addinivalue_line("markers", f"{device}: benchmark case that {reason}")
@@ -235,6 +266,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
         progress.sink = sink
     config._diffperf_session = PerfSession(config)  # type: ignore[attr-defined]
+    _atomic_run_storage(config)
     from diffperf import results
 
     results.configure(config, _cache_dir(config))

@@ -135,3 +135,13 @@ atexit.register(lambda: open("builds.json", "w").write(json.dumps(LOG)))
         ["build", "tiny-fp32-classic-bs1-4steps"], ["close", "tiny-fp32-classic-bs1-4steps"],
         ["build", "tiny-fp32-sdpa-bs1-4steps"], ["close", "tiny-fp32-sdpa-bs1-4steps"],
     ]
+
+
+def test_saved_run_is_written_atomically_and_announced(fake_suite):
+    result = fake_suite.runpytest_subprocess(*BASE, "-m", "cpu", "--perf-rounds", "2", "--perf-warmup-rounds", "0",
+                                             "--benchmark-save", "first", "--benchmark-storage", "store")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*run saved under: *store*"])
+    saved = list((fake_suite.path / "store").rglob("0001_first.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["benchmarks"]
+    assert not list((fake_suite.path / "store").rglob("*.tmp")), "a temp file was left behind"
