@@ -13,8 +13,9 @@ duration, so the noise of the slowed call is the noise of the machine. Trial ``i
 (head, each condition) with the unchanged rounds of batch ``i - 1`` (the baseline, recorded earlier on a
 different build), so every trial has its own baseline and the no-change trials are independent runs.
 
-Both gates see the same samples: diffperf's (:func:`diffperf.stats.compare_samples`: median ratio above
-``1 + tolerance`` and one-sided Mann-Whitney ``p < alpha``) and pytest-benchmark's
+Both gates see the same samples: diffperf's (:func:`diffperf.stats.compare_samples`, the rule every perf
+test applies: significantly slower, confidence interval reaching ``1 + tolerance``, ratio above half the
+tolerance) and pytest-benchmark's
 ``--benchmark-compare-fail=mean:5%`` (``PercentageRegressionCheck``: ``head.mean / base.mean * 100 - 100 > 5``).
 Each round also times a fixed reference workload (:func:`reference_workload`); the "reference-normalized"
 rows rescale head rounds by how much slower the machine ran that workload than at baseline time, which
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--slowdowns", default="0.05,0.10")
-    p.add_argument("--tolerances", default="0.05,0.10", help="diffperf gate tolerances to evaluate")
-    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--tolerances", default="0.10,0.05", help="diffperf gate tolerances to evaluate (10%% is the default)")
+    p.add_argument("--alpha", type=float, default=0.01, help="the gate's significance level (the plugin's default)")
     p.add_argument("--pb-percent", type=float, default=5.0, help="pytest-benchmark mean:N%% threshold")
     p.add_argument("--raw", default="reports/gate_calibration_raw.json", help="where collected samples go")
     p.add_argument("--out", default="reports/gate_calibration.json")

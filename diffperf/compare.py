@@ -465,7 +465,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="compare runs from different hardware anyway")
     p.add_argument("--trend", help="plot the last N saved runs (or 'all') in the HTML report")
     p.add_argument("--tolerance", type=float, default=0.10)
-    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--alpha", type=float, default=0.01)
     a = p.parse_args(argv)
     if a.trend is not None and a.trend != "all" and not (a.trend.isdigit() and int(a.trend) >= 2):
         p.error("--trend takes a number >= 2 or 'all'")
