@@ -58,31 +58,28 @@ def parse_recipes(value: str) -> tuple[str, ...]:
     return items
 
 
-def _positive_int(what: str):
+def _int_at_least(what: str, low: int):
+    """A parser of integers ``>= low`` whose error names ``what``."""
+
     def parse(value: str) -> int:
         try:
             n = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be an integer, got {value!r}") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be >= 1, got {n}")
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {low}, got {n}")
         return n
 
     parse.__name__ = what.replace(" ", "_")
     return parse
 
 
-def _non_negative_int(what: str):
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {value!r}") from None
-        if n < 0:
-            raise argparse.ArgumentTypeError(f"{what} must be >= 0, got {n}")
-        return n
+def _positive_int(what: str):
+    return _int_at_least(what, 1)
 
-    return parse
+
+def _non_negative_int(what: str):
+    return _int_at_least(what, 0)
 
 
 def parse_batch_sizes(value: str) -> tuple[int, ...]:
