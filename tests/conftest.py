@@ -96,5 +96,6 @@ def fake_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
     pytester.makeini("[pytest]\naddopts = -p diffperf.plugin --strict-markers\n")
     monkeypatch.setenv("PYTHONPATH", f"{pytester.path}:{REPO}")
     monkeypatch.setenv("FAKE_EVENTS", str(pytester.path / "events.json"))
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # pytest-benchmark disables itself under xdist
+    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # pytest-benchmark disables itself under xdist
+        monkeypatch.delenv(var, raising=False)
     return pytester

@@ -41,9 +41,8 @@ FAST = ["--perf-rounds", "2", "--perf-warmup-rounds", "0", "-p", "no:randomly"]
 
 
 @pytest.fixture
-def suite(fake_suite, monkeypatch):
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # under -n, the runs below are not workers
-        monkeypatch.delenv(var, raising=False)
+def suite(fake_suite):
+    """The fake suite for every framework, with injectable faults (hard kill, hang)."""
     fake_suite.makeconftest(ALL_FAKE_CONFTEST)
     builder = fake_suite.path / "fake_builder.py"
     builder.write_text(builder.read_text() + FAULTS)

@@ -8,7 +8,7 @@ import pytest
 
 from diffperf import results
 
-from .test_launcher import ALL_FAKE_CONFTEST, FAST, FAULTS
+from .test_launcher import FAST, suite  # noqa: F401 (fixture)
 
 
 def test_journal_lines_survive_and_a_torn_last_line_is_dropped(tmp_path):
@@ -64,13 +64,9 @@ def test_merge_and_save_number_like_pytest_benchmark(tmp_path):
         results.save_run(run, tmp_path / "storage", "../escape")
 
 
-def test_hard_kill_mid_run_keeps_every_finished_case(fake_suite, monkeypatch):
+def test_hard_kill_mid_run_keeps_every_finished_case(suite, monkeypatch):
     """A plain pytest run whose process dies on its second case: the first case's result is on disk."""
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # under -n, this run is not a worker
-        monkeypatch.delenv(var, raising=False)
-    fake_suite.makeconftest(ALL_FAKE_CONFTEST)
-    builder = fake_suite.path / "fake_builder.py"
-    builder.write_text(builder.read_text() + FAULTS)
+    fake_suite = suite
     monkeypatch.setenv("FAKE_DIE_ON", "fp32-sdpa")
     result = fake_suite.runpytest_subprocess("-m", "cpu", "--perf-recipes", "torch:fp32-classic,torch:fp32-sdpa",
                                              "--perf-journal", "j.jsonl", *FAST)
