@@ -5,17 +5,17 @@ Rerun with::
     python benchmarks/gate_calibration.py                      # collect + evaluate (about 10 min on 2 cores)
     python benchmarks/gate_calibration.py --from reports/gate_calibration_raw.json   # re-evaluate only
 
-Design. ``--runs`` + 1 batches are taken one after the other; each batch builds every tiny CPU pipeline
-afresh (like a new CI job), warms it up, then times ``--rounds`` rounds in which the calls of the three
-conditions -- unchanged, +5 % and +10 % -- are interleaved (rotating order). A slowdown is injected for
-real: after the pipeline call returns, the caller busy-waits for the given fraction of the call's own
-duration, so the noise of the slowed call is the noise of the machine. Trial ``i`` compares batch ``i``
-(head, each condition) with the unchanged rounds of batch ``i - 1`` (the baseline, recorded earlier on a
-different build), so every trial has its own baseline and the no-change trials are independent runs.
+Design. ``--runs`` + 1 batches are taken one after the other, each in a fresh Python process that builds
+every tiny CPU pipeline afresh in the suite's order (like a new CI job), warms it up, then times
+``--rounds`` rounds in which the calls of the three conditions -- unchanged, +5 % and +10 % -- are
+interleaved (rotating order). A slowdown is injected for real: after the pipeline call returns, the caller
+busy-waits for the given fraction of the call's own duration, so the noise of the slowed call is the noise
+of the machine. Trial ``i`` compares batch ``i`` (head, each condition) with the unchanged rounds of batch
+``i - 1`` (the baseline, recorded earlier by another process), so every trial has its own baseline and the
+no-change trials are independent runs.
 
 Both gates see the same samples: diffperf's (:func:`diffperf.stats.compare_samples`, the rule every perf
-test applies: significantly slower, confidence interval reaching ``1 + tolerance``, ratio above half the
-tolerance) and pytest-benchmark's
+test applies: significantly slower and the median ratio above half the tolerance) and pytest-benchmark's
 ``--benchmark-compare-fail=mean:5%`` (``PercentageRegressionCheck``: ``head.mean / base.mean * 100 - 100 > 5``).
 Each round also times a fixed reference workload (:func:`reference_workload`); the "reference-normalized"
 rows rescale head rounds by how much slower the machine ran that workload than at baseline time, which
@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +43,39 @@ from diffperf.hardware import hardware_id, software_versions  # noqa: E402
 
 
 def collect(recipes: list[str], runs: int, rounds: int, steps: int, slowdowns: list[float], warmup: int,
-            threads: int | None = None, raw_path: Path | None = None) -> dict:
-    """Time ``runs + 1`` batches; the raw samples are rewritten to ``raw_path`` after every batch."""
+            threads: int | None = None, raw_path: Path | None = None, malloc_mode: str = "steady") -> dict:
+    """Time ``runs + 1`` batches, each in a fresh process; the raw samples are rewritten to ``raw_path`` after every batch."""
+    batches: list[dict] = []
+    raw = {
+        "recipes": recipes, "runs": runs, "rounds": rounds, "steps": steps, "slowdowns": slowdowns,
+        "hardware_id": hardware_id("cpu"), "python": platform.python_version(), "versions": software_versions(),
+        "fresh_process_per_batch": True, "malloc_mode": malloc_mode, "batches": batches,
+    }
+    env = dict(os.environ, USE_TF="0", USE_FLAX="0")
+    t_start = time.perf_counter()
+    for b in range(runs + 1):
+        spec = {"recipes": recipes, "rounds": rounds, "steps": steps, "conditions": [0.0] + slowdowns,
+                "warmup": warmup, "threads": threads, "malloc_mode": malloc_mode}
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "batch.json"
+            subprocess.run([sys.executable, __file__, "--batch-worker", json.dumps(spec), str(out)], check=True, env=env)
+            batch = json.loads(out.read_text())
+        raw["torch_threads"] = batch.pop("torch_threads")
+        batches.append(batch)
+        elapsed = time.perf_counter() - t_start
+        raw["collect_seconds"] = elapsed
+        if raw_path is not None:
+            _write_json(raw_path, raw)
+        print(f"batch {b + 1}/{runs + 1} done ({elapsed:.0f} s, load {batch['loadavg']:.2f})", file=sys.stderr, flush=True)
+    return raw
+
+
+def collect_batch(recipes: list[str], rounds: int, steps: int, conditions: list[float], warmup: int,
+                  threads: int | None, malloc_mode: str = "steady") -> dict:
+    """One batch (one simulated CI run): build each pipeline, warm it up, time the interleaved conditions."""
+    from diffperf import malloc
+
+    malloc_info = malloc.configure(malloc_mode)  # first, as the plugin does in pytest_configure
     import torch
 
     from diffperf.cases import Case
@@ -52,49 +84,35 @@ def collect(recipes: list[str], runs: int, rounds: int, steps: int, slowdowns: l
 
     if threads:
         torch.set_num_threads(threads)
-    conditions = [0.0] + slowdowns
-    batches: list[dict] = []
-    raw = {
-        "recipes": recipes, "runs": runs, "rounds": rounds, "steps": steps, "slowdowns": slowdowns,
-        "torch_threads": torch.get_num_threads(), "hardware_id": hardware_id("cpu"),
-        "python": platform.python_version(), "versions": software_versions(), "batches": batches,
-    }
-    t_start = time.perf_counter()
-    for b in range(runs + 1):
-        batch: dict = {"started": time.time(), "loadavg": os.getloadavg()[0], "tests": {}}
-        order = recipes[b % len(recipes):] + recipes[: b % len(recipes)]
-        for tag in order:
-            case = Case("torch", TorchRecipe.from_tag(tag), "tiny", steps=steps)
-            runner = torch_diffusers.build(case)
-            try:
-                for _ in range(warmup):
+    batch: dict = {"started": time.time(), "loadavg": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
+                   "malloc": malloc_info, "tests": {}}
+    for tag in recipes:
+        case = Case("torch", TorchRecipe.from_tag(tag), "tiny", steps=steps)
+        runner = torch_diffusers.build(case)
+        try:
+            for _ in range(warmup):
+                runner.generate()
+            samples: dict[str, list[float]] = {str(c): [] for c in conditions}
+            samples["reference"] = []
+            for r in range(rounds):
+                samples["reference"].append(reference_workload())
+                k = r % len(conditions)
+                for cond in conditions[k:] + conditions[:k]:
+                    runner.synchronize()
+                    t0 = time.perf_counter()
                     runner.generate()
-                samples: dict[str, list[float]] = {str(c): [] for c in conditions}
-                samples["reference"] = []
-                for r in range(rounds):
-                    samples["reference"].append(reference_workload())
-                    k = r % len(conditions)
-                    for cond in conditions[k:] + conditions[:k]:
-                        runner.synchronize()
-                        t0 = time.perf_counter()
-                        runner.generate()
-                        runner.synchronize()
-                        dt = time.perf_counter() - t0
-                        if cond:
-                            until = t0 + dt * (1.0 + cond)
-                            while time.perf_counter() < until:
-                                pass
-                        samples[str(cond)].append(time.perf_counter() - t0)
-                batch["tests"][case.id] = samples
-            finally:
-                runner.close()
-        batches.append(batch)
-        elapsed = time.perf_counter() - t_start
-        raw["collect_seconds"] = elapsed
-        if raw_path is not None:
-            _write_json(raw_path, raw)
-        print(f"batch {b + 1}/{runs + 1} done ({elapsed:.0f} s, load {batch['loadavg']:.2f})", file=sys.stderr, flush=True)
-    return raw
+                    runner.synchronize()
+                    dt = time.perf_counter() - t0
+                    if cond:
+                        until = t0 + dt * (1.0 + cond)
+                        while time.perf_counter() < until:
+                            pass
+                    samples[str(cond)].append(time.perf_counter() - t0)
+            batch["tests"][case.id] = samples
+        finally:
+            runner.close()
+            malloc.release_free_memory()
+    return batch
 
 
 _REF: dict = {}
@@ -220,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", default="fp32-classic,fp32-sdpa")
     p.add_argument("--runs", type=int, default=20, help="trials (runs + 1 batches are collected)")
     p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before the rounds (the plugin default, 3)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    p.add_argument("--malloc", default="steady", choices=["steady", "system"],
+                   help="allocator policy of each batch, as --perf-malloc (default: steady, the plugin's default)")
     p.add_argument("--slowdowns", default="0.05,0.10")
     p.add_argument("--tolerances", default="0.10,0.05", help="diffperf gate tolerances to evaluate (10%% is the default)")
     p.add_argument("--alpha", type=float, default=0.01, help="the gate's significance level (the plugin's default)")
@@ -230,14 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", default="reports/gate_calibration_raw.json", help="where collected samples go")
     p.add_argument("--out", default="reports/gate_calibration.json")
     p.add_argument("--from", dest="from_raw", help="evaluate samples collected earlier instead of collecting")
+    p.add_argument("--batch-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.batch_worker:
+        spec, out = a.batch_worker
+        _write_json(Path(out), collect_batch(**json.loads(spec)))
+        return 0
     if a.runs < 20:
         print("note: the bar asks for at least 20 runs", file=sys.stderr)
     if a.from_raw:
         raw = json.loads(Path(a.from_raw).read_text())
     else:
         raw = collect(a.recipes.split(","), a.runs, a.rounds, a.steps, [float(s) for s in a.slowdowns.split(",")],
-                      a.warmup, a.threads, Path(a.raw))
+                      a.warmup, a.threads, Path(a.raw), a.malloc)
     t = time.perf_counter()
     res = evaluate(raw, [float(x) for x in a.tolerances.split(",")], a.alpha, a.pb_percent)
     res["evaluate_seconds"] = time.perf_counter() - t

@@ -1,7 +1,7 @@
 """The regression gate every perf test passes through: its record against the baseline of this hardware.
 
-Latency is judged statistically (:func:`diffperf.stats.compare_samples`: median ratio beyond the tolerance
-*and* a significant one-sided Mann-Whitney U). Peak memory and compile seconds are one number per run, so
+Latency is judged statistically (:func:`diffperf.stats.compare_samples`: median ratio beyond half the
+tolerance *and* a significant one-sided Mann-Whitney U). Peak memory and compile seconds are one number per run, so
 no test is possible: they fail when the measured value exceeds the baseline by more than their own
 tolerance (``memory_tolerance`` 10 %, ``compile_tolerance`` 25 %), and say "improved" when below it.
 

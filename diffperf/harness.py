@@ -46,10 +46,31 @@ class Prepared:
         if runner is not None:
             runner.close()
         gc.collect()
+        from diffperf import malloc
+
+        malloc.release_free_memory()
+
+
+def release_shared(keep: str | None = None) -> None:
+    """Let every imported builder but ``keep``'s drop what it keeps between its cases (``release_shared()``).
+
+    Called before each build, so one framework's kept state never sits in memory (or in a peak-memory
+    figure) while another framework's case runs.
+    """
+    import sys
+
+    from diffperf.cases import FRAMEWORKS
+
+    for name in FRAMEWORKS:
+        module = sys.modules.get(framework_spec(name).module) if name != keep else None
+        release = getattr(module, "release_shared", None)
+        if release is not None:
+            release()
 
 
 def prepare(case: Case) -> Prepared:
     """Build ``case`` and time its first call (cold start) apart from everything else."""
+    release_shared(keep=case.framework)
     build = builder(case.framework)
     with progress.step(f"{case.framework} {case.id}: build") as built:
         runner = build(case)

@@ -124,6 +124,14 @@ def parse_seconds(value: str) -> float:
     return s
 
 
+def parse_malloc(value: str) -> str:
+    from diffperf.malloc import MODES
+
+    if value not in MODES:
+        raise argparse.ArgumentTypeError(f"unknown malloc mode {value!r}; choose from {', '.join(MODES)}")
+    return value
+
+
 def parse_weights_dir(value: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_dir():
@@ -177,6 +185,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write this run's results into baselines/<hardware-id>.json (atomically, keeping other entries). Default: off.")
     add("--perf-inject-slowdown", type=parse_fraction("injected slowdown"), default=0.0, metavar="FRACTION",
         help="make every timed call this much slower (calibrates the gate; never use for real runs). Default: 0.")
+    add("--perf-malloc", type=parse_malloc, default="steady", metavar="MODE",
+        help="C allocator policy of the measuring process: 'steady' pins glibc's adaptive mmap/trim thresholds "
+             "so a case's speed does not depend on what ran before it (see diffperf/malloc.py), 'system' "
+             "leaves them alone. Default: steady.")
     add("--perf-journal", default=None, metavar="FILE",
         help="append one JSON line per finished test (fsync'ed at once: a crash loses nothing measured), or "
              "'none'. Default: <cache dir>/journal/<time>-<pid>.jsonl.")
@@ -249,6 +261,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{device}: benchmark case that {reason}")
     config.addinivalue_line("markers", "perf_tolerance(fraction): per-test latency tolerance for the regression gate")
     configure_caches(_cache_dir(config), config.getoption("perf_frameworks"))
+    from diffperf import malloc
+
+    malloc.configure(config.getoption("perf_malloc"))
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     capman = config.pluginmanager.get_plugin("capturemanager")
     if reporter is not None:
@@ -470,6 +485,10 @@ def _make_gate(config: pytest.Config):
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     perf = getattr(session.config, "_diffperf_session", None)
+    if perf is not None:
+        from diffperf.harness import release_shared
+
+        release_shared()
     if perf is not None and perf.gate is not None:
         from diffperf.baselines import BaselineError
 
@@ -483,7 +502,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Add framework versions, GPU model/count/driver, CPU model and hardware ids."""
+    from diffperf import malloc
+
     machine_info.update(hardware.machine_info())
+    machine_info["malloc"] = malloc.current()
 
 
 def _fmt_bytes(n) -> str:

@@ -362,6 +362,7 @@ class InMemoryRunner(KerasCVRunner):
 
     def __init__(self, case, device, saved_policy, info, models):
         super().__init__(case, device, saved_policy, info)
+        self._models = models
         self.text_encoder, self.diffusion_model, self.decoder = models
         self._pos_ids = np.arange(MAX_PROMPT_LENGTH, dtype=np.int32)[None]
         self._uncond_tokens = np.asarray([_UNCONDITIONAL_TOKENS], dtype=np.int32)
@@ -401,7 +402,8 @@ class InMemoryRunner(KerasCVRunner):
         return Generation(postprocess(decoded), latent if clock else None)
 
     def _release(self) -> None:
-        self.text_encoder = self.diffusion_model = self.decoder = None
+        _return_shared(self._models)
+        self._models = self.text_encoder = self.diffusion_model = self.decoder = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -598,6 +600,48 @@ def build_savedmodel_fns(case: Case, folder: Path, info: dict[str, Any]):
 # --------------------------------------------------------------------------------------------------
 
 
+_SHARED: dict[str, Any] = {}
+
+
+def shared_models(case: Case, preset: Preset, policy: str, device: str) -> tuple[tuple, bool]:
+    """``((text_encoder, diffusion_model, decoder), reused)``: built once for the recipes that differ only in how they run.
+
+    Note: Keras 3 builds a functional model by tracing every layer symbolically, which takes longer than
+    the tiny preset's first call; ``fp32`` and ``fp32-xla`` (likewise ``mp16`` and ``mp16-xla``) run the
+    same models with the same seeded weights and differ only in ``model.compile(jit_compile=...)``, which
+    throws the compiled predict functions away. So the last built models are kept after their runner
+    closes and handed to the next case with the same key; the next case still pays its own tracing and
+    XLA compile in its cold start, only not the layer build. Models an open runner holds are never handed
+    out twice, and :func:`release_shared` drops them when the harness moves on to another framework or
+    the run ends.
+    """
+    key = (case.preset, case.height, case.width, case.seed, policy, device)
+    if _SHARED.get("key") == key and not _SHARED.get("in_use"):
+        _SHARED["in_use"] = True
+        return _SHARED["models"], True
+    if not _SHARED.get("in_use"):
+        release_shared()
+    with progress.step(f"building KerasCV {preset.name} ({policy}) with seeded random weights"):
+        keras.utils.set_random_seed(case.seed)
+        models = build_models(preset, case.height, case.width)
+    if not _SHARED:
+        _SHARED.update(key=key, models=models, in_use=True)
+    return models, False
+
+
+def _return_shared(models: tuple) -> None:
+    if _SHARED.get("models") is models:
+        _SHARED["in_use"] = False
+
+
+def release_shared() -> None:
+    """Drop the models :func:`shared_models` keeps, unless an open runner holds them (memory freed, session cleared)."""
+    if _SHARED and not _SHARED.get("in_use"):
+        _SHARED.clear()
+        keras.backend.clear_session()
+        gc.collect()
+
+
 def _skip(reason: str):
     import pytest
 
@@ -633,13 +677,15 @@ def build(case: Case) -> KerasCVRunner:
                 info["savedmodel_dir"] = str(folder)
                 fns = build_savedmodel_fns(case, folder, info)
                 return SavedModelRunner(case, device, saved_policy, info, fns)
-            with progress.step(f"building KerasCV {preset.name} ({recipe.keras_policy}) with seeded random weights"):
-                keras.utils.set_random_seed(case.seed)
-                models = build_models(preset, case.height, case.width)
-            for model in models:
-                model.compile(jit_compile=recipe.jit_compile)
-            info["parameters"] = {name: int(m.count_params()) for name, m in zip(COMPONENTS, models)}
-            return InMemoryRunner(case, device, saved_policy, info, models)
+            models, info["models_reused"] = shared_models(case, preset, recipe.keras_policy, device)
+            try:
+                for model in models:
+                    model.compile(jit_compile=recipe.jit_compile)
+                info["parameters"] = {name: int(m.count_params()) for name, m in zip(COMPONENTS, models)}
+                return InMemoryRunner(case, device, saved_policy, info, models)
+            except BaseException:
+                _return_shared(models)
+                raise
     except BaseException:
         keras.backend.clear_session()
         keras.mixed_precision.set_global_policy(saved_policy)

@@ -232,3 +232,29 @@ def test_close_restores_policy(runner):
     assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     assert r.text_encoder is None and r.diffusion_model is None
     r.close()  # idempotent
+
+
+def test_models_are_shared_between_recipes_that_only_compile_differently(kcv, runner):
+    """After test_close_restores_policy: the closed runner's models serve fp32-xla; an open runner's never do."""
+    from diffperf.harness import release_shared
+
+    r, first = runner
+    assert r.text_encoder is None  # closed by the test before
+    xla = kcv.build(_case("fp32-xla"))
+    try:
+        assert xla.compile_info()["models_reused"] and xla.compile_info()["jit_compile"]
+        other = kcv.build(_case("fp32"))  # xla holds the kept models: this one builds its own
+        try:
+            assert not other.compile_info()["models_reused"]
+            assert other.diffusion_model is not xla.diffusion_model
+            np.testing.assert_array_equal(other.generate().images, first.images)  # same seeded weights
+        finally:
+            other.close()
+        out = xla.generate().images
+        assert np.abs(out.astype(int) - first.images.astype(int)).max() <= 8  # XLA: same models, same image
+    finally:
+        xla.close()
+    release_shared(keep="tf")
+    assert kcv._SHARED  # kept for the next TF case
+    release_shared(keep="torch")
+    assert not kcv._SHARED  # another framework's case: dropped
