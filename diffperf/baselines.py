@@ -78,6 +78,7 @@ def make_entry(test_id: str, record: dict, versions: dict | None = None, commit:
         "memory_kind": record.get("memory_kind"),
         "compile_s": round_sig(float(compile_s)) if compile_s is not None else None,
         "reference_s": round_sig(float(record["reference_s"])) if record.get("reference_s") else None,
+        "reference_id": record.get("reference_id") if record.get("reference_s") else None,
         "versions": dict(versions or {}),
         "commit": dict(commit or {}),
         "recorded_at": recorded_at or _utc_now(),
@@ -97,6 +98,8 @@ def validate_entry(entry: Any, where: str) -> None:
         raise BaselineError(f"{where}: 'samples_s' must be a non-empty list of positive seconds")
     if not isinstance(entry.get("rounds"), int) or entry["rounds"] < 1:
         raise BaselineError(f"{where}: 'rounds' must be a positive integer")
+    if entry.get("reference_id") is not None and not isinstance(entry["reference_id"], str):
+        raise BaselineError(f"{where}: 'reference_id' must be a string or null")
     for key in ("peak_memory_bytes", "compile_s", "median_s", "reference_s"):
         value = entry.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):

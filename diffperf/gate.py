@@ -1,14 +1,16 @@
 """The regression gate every perf test passes through: its record against the baseline of this hardware.
 
-Latency is judged statistically (:func:`diffperf.stats.compare_samples`: median ratio beyond half the
-tolerance *and* a significant one-sided Mann-Whitney U). Peak memory and compile seconds are one number per run, so
+Latency is judged statistically (:func:`diffperf.stats.compare_samples`: median ratio beyond the tolerance
+*and* a significant one-sided Mann-Whitney U). Peak memory and compile seconds are one number per run, so
 no test is possible: they fail when the measured value exceeds the baseline by more than their own
 tolerance (``memory_tolerance`` 10 %, ``compile_tolerance`` 25 %), and say "improved" when below it.
 
 Note: a shared runner's speed drifts between runs (other jobs, frequency), which no test on the rounds of
-one run can tell from a regression. When a record carries ``reference_s`` -- the median seconds of a fixed
-reference workload timed between the rounds -- and its baseline does too, the measured rounds are rescaled
-by ``baseline reference / measured reference`` before the test (``info["machine_speed_factor"]``).
+one run can tell from a regression. When a record carries ``reference_s`` -- the median seconds of the
+fixed workload of :mod:`diffperf.reference`, timed around the rounds -- and its baseline carries one with
+the same ``reference_id``, the measured rounds are rescaled by ``baseline reference / measured
+reference`` before the test (``info["machine_speed_factor"]``); with a different id they are not, and the
+message says so.
 """
 
 from __future__ import annotations
@@ -133,10 +135,14 @@ class Gate:
             info["verdict"] = "error"
             return GateOutcome(True, f"{test_id}: the record has no samples; nothing compared", info, "error")
 
-        factor = 1.0
+        factor, ref_note = 1.0, None
         if record.get("reference_s") and base.get("reference_s"):
-            factor = float(base["reference_s"]) / float(record["reference_s"])
-            samples = [x * factor for x in samples]
+            if record.get("reference_id") == base.get("reference_id"):
+                factor = float(base["reference_s"]) / float(record["reference_s"])
+                samples = [x * factor for x in samples]
+            else:
+                ref_note = (f"rounds not rescaled: the machine reference differs from the baseline's "
+                            f"({record.get('reference_id')!r} vs {base.get('reference_id')!r})")
         info["machine_speed_factor"] = factor
         cmp = stats.compare_samples(samples, base["samples_s"], tolerance=tol, alpha=s.alpha, n_boot=s.n_boot, seed=s.seed)
         info.update(verdict=cmp.verdict, baseline_median_s=cmp.base_median, measured_median_s=cmp.head_median,
@@ -148,6 +154,8 @@ class Gate:
         if factor != 1.0:
             lines.append(f"measured rounds rescaled by {factor:.3f} (reference workload: baseline "
                          f"{stats.fmt_seconds(base['reference_s'])}, now {stats.fmt_seconds(record['reference_s'])})")
+        if ref_note:
+            lines.append(ref_note)
         failures = ["latency"] if cmp.verdict == "regressed" else []
 
         mem_v, mem_line = _single_value("peak memory", _steady_memory(record.get("peak_memory_bytes")),

@@ -179,13 +179,19 @@ def record(prepared: Prepared, samples: list[float], steady_peak: int | None, br
 
 def measure(prepared: Prepared, benchmark=None, *, rounds: int = 10, warmup_rounds: int = 3,
             max_time_s: float = 120.0, tolerance: float = 0.10, breakdown_rounds: int = 3,
-            inject_slowdown: float = 0.0) -> dict[str, Any]:
+            inject_slowdown: float = 0.0, machine_reference: bool = True) -> dict[str, Any]:
     """Time the steady state of a prepared case and return its record.
 
     With a pytest-benchmark fixture the rounds go through ``benchmark.pedantic`` (synchronized before
     each clock read); without one, through a bare ``perf_counter`` loop with the same synchronization.
+    CPU cases also time the machine reference (:mod:`diffperf.reference`) before the warmup and after
+    the rounds, unless ``machine_reference`` is false.
     """
+    from diffperf import reference
+
     runner = prepared.runner
+    use_reference = machine_reference and prepared.case.device == "cpu"
+    ref_samples = reference.sample() if use_reference else []
     call = slowed(runner.generate, inject_slowdown, runner.synchronize)
     plan = plan_rounds(prepared, rounds, warmup_rounds, max_time_s, tolerance, call)
     runner.memory.reset()
@@ -198,5 +204,10 @@ def measure(prepared: Prepared, benchmark=None, *, rounds: int = 10, warmup_roun
         else:
             samples = [timed_call(call, runner.synchronize).seconds for _ in range(plan.rounds)]
     steady_peak = runner.memory.peak_bytes()
+    if use_reference:
+        ref_samples += reference.sample()
     breakdowns = [runner.generate_instrumented()[1].as_dict() for _ in range(breakdown_rounds)]
-    return record(prepared, samples, steady_peak, breakdowns)
+    rec = record(prepared, samples, steady_peak, breakdowns)
+    ref = reference.summarize(ref_samples)
+    rec.update(reference=ref, reference_s=ref["median_s"] if ref else None, reference_id=ref["identity"] if ref else None)
+    return rec

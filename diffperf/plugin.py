@@ -185,6 +185,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write this run's results into baselines/<hardware-id>.json (atomically, keeping other entries). Default: off.")
     add("--perf-inject-slowdown", type=parse_fraction("injected slowdown"), default=0.0, metavar="FRACTION",
         help="make every timed call this much slower (calibrates the gate; never use for real runs). Default: 0.")
+    add("--perf-no-reference", action="store_true", default=False,
+        help="do not time the machine-speed reference workload around CPU cases, so the gate compares raw "
+             "rounds (see diffperf/reference.py). Default: timed, and used when the baseline has a matching one.")
     add("--perf-malloc", type=parse_malloc, default="steady", metavar="MODE",
         help="C allocator policy of the measuring process: 'steady' pins glibc's adaptive mmap/trim thresholds "
              "so a case's speed does not depend on what ran before it (see diffperf/malloc.py), 'system' "
@@ -418,6 +421,7 @@ class PerfSession:
             prepared, None if getattr(benchmark, "disabled", False) else benchmark,
             rounds=opt("perf_rounds"), warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
             tolerance=tolerance, inject_slowdown=opt("perf_inject_slowdown"),
+            machine_reference=not opt("perf_no_reference"),
         )
         try:
             result = self.fidelity(prepared)

@@ -187,13 +187,17 @@ def test_update_records_every_checked_test_and_keeps_others(tmp_path):
 
 def test_reference_workload_rescales_a_slower_machine(tmp_path):
     rec = record(lognormal(20, seed=1))
-    rec["reference_s"] = 0.05
+    rec["reference_s"], rec["reference_id"] = 0.05, "torch 2.13.0 mm, 2 threads"
     store = BaselineStore.load(baseline_path(tmp_path, HW))
     store.put(make_entry("t::a", rec))
     store.save()
     gate = Gate(GateSettings(baselines_dir=tmp_path))
     busy = record(lognormal(20, 1.5, seed=2))
     assert gate.check("t::a", HW, busy).failed
-    busy["reference_s"] = 0.075  # the whole machine ran 1.5x slower
+    busy["reference_s"], busy["reference_id"] = 0.075, "torch 2.13.0 mm, 2 threads"  # the whole machine ran 1.5x slower
     out = gate.check("t::a", HW, busy)
     assert not out.failed and abs(out.info["machine_speed_factor"] - 2 / 3) < 1e-9 and "rescaled" in out.message
+    busy["reference_id"] = "torch 2.14.0 mm, 2 threads"  # an upgrade may have moved the reference itself
+    out = gate.check("t::a", HW, busy)
+    assert out.failed and out.info["machine_speed_factor"] == 1.0
+    assert "not rescaled: the machine reference differs" in out.message

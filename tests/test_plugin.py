@@ -37,6 +37,7 @@ def test_help_lists_options_with_defaults(pytester: pytest.Pytester):
         (["--perf-resolution", "big"], "*resolution must be HEIGHTxWIDTH or N, got 'big'*"),
         (["--perf-tolerance", "-3"], "*tolerance must be between 0 and 10*"),
         (["--perf-weights", "/nonexistent/sdxl"], "*--perf-weights /nonexistent/sdxl: no such directory*"),
+        (["--perf-malloc", "jemalloc"], "*unknown malloc mode 'jemalloc'; choose from steady, system*"),
     ],
 )
 def test_bad_option_values_name_the_problem(fake_suite, args, message):

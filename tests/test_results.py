@@ -82,6 +82,7 @@ def test_hard_kill_mid_run_keeps_every_finished_case(suite, monkeypatch):
     assert results.running_nodeid(entries) == "test_perf.py::test_latency[torch-cpu-tiny-fp32-sdpa-bs1-4steps]"
     run = entries[0]
     assert run["event"] == "run" and "diffperf_versions" in run["machine_info"]
+    assert run["machine_info"]["malloc"]["mode"] in ("steady", "system")  # the allocator policy is on record
 
 
 def test_failures_are_journaled_with_their_reason(fake_suite, monkeypatch):

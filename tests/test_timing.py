@@ -76,3 +76,52 @@ def test_fidelity_metrics():
         fidelity.check_finite("latents", np.array([np.nan, np.inf, 0.0]))
     with pytest.raises(fidelity.FidelityError, match="shape mismatch"):
         fidelity.psnr(a, np.zeros((1, 4, 4, 4)))
+
+
+class _Runner:
+    """A runner whose calls, syncs and instrumented calls are logged next to the reference's calls."""
+
+    def __init__(self, events):
+        self.events = events
+        self.memory = RSSProbe()
+
+    def generate(self):
+        self.events.append("call")
+
+    def synchronize(self):
+        pass
+
+    def generate_instrumented(self):
+        from pipelines.base import Breakdown
+
+        self.events.append("instrumented")
+        return None, Breakdown(text_encode_s=0.0, denoise_s=0.0, step_s=[0.0], decode_s=0.0, total_s=0.0)
+
+    def compile_info(self):
+        return {}
+
+
+@pytest.mark.parametrize("device, enabled, expected", [("cpu", True, 20), ("cpu", False, 0), ("cuda", True, 0)])
+def test_machine_reference_is_timed_around_the_rounds_never_between(monkeypatch, device, enabled, expected):
+    pytest.importorskip("torch")
+    from diffperf import harness, reference
+    from diffperf.cases import Case
+    from pipelines.torch_recipes import TorchRecipe
+
+    events: list[str] = []
+    real = reference.time_once
+    monkeypatch.setattr(reference, "time_once", lambda: events.append("reference") or real())
+    case = Case("torch", TorchRecipe.from_tag("fp32-sdpa"), "tiny", device=device, steps=2)
+    prepared = harness.Prepared(case, _Runner(events), 0.0, 0.0, None, None, None)
+    rec = harness.measure(prepared, None, rounds=4, warmup_rounds=3, breakdown_rounds=1, machine_reference=enabled)
+    assert events.count("reference") == expected
+    timed = [i for i, e in enumerate(events) if e == "call"]
+    refs = [i for i, e in enumerate(events) if e == "reference"]
+    assert not any(timed[0] < i < timed[-1] for i in refs), "a reference call ran between two timed calls"
+    if expected:
+        import torch
+
+        assert rec["reference_s"] > 0 and len(rec["reference"]["samples_s"]) == 20
+        assert rec["reference_id"] == reference.identity() and torch.__version__ in rec["reference_id"]
+    else:
+        assert rec["reference"] is None and rec["reference_s"] is None and rec["reference_id"] is None
