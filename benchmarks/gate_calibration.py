@@ -71,6 +71,13 @@ def collect(recipes: list[str], runs: int, rounds: int, steps: int, slowdowns: l
     return raw
 
 
+def _reference_parts(reference, torch) -> list[tuple[float, float]]:
+    """:func:`diffperf.reference.sample`, keeping its matmul and copy parts apart to evaluate each alone."""
+    buffers = reference._buffers(torch)
+    reference.time_parts(buffers)
+    return [reference.time_parts(buffers) for _ in range(reference.CALLS)]
+
+
 def collect_batch(recipes: list[str], rounds: int, steps: int, conditions: list[float], warmup: int,
                   threads: int | None, malloc_mode: str = "steady") -> dict:
     """One batch (one simulated CI run): build each pipeline, warm it up, time the interleaved conditions."""
@@ -92,7 +99,7 @@ def collect_batch(recipes: list[str], rounds: int, steps: int, conditions: list[
         runner = torch_diffusers.build(case)
         try:
             samples: dict[str, list[float]] = {str(c): [] for c in conditions}
-            samples["reference"] = reference.sample()
+            parts = _reference_parts(reference, torch)
             for _ in range(warmup):
                 runner.generate()
             for r in range(rounds):
@@ -108,7 +115,10 @@ def collect_batch(recipes: list[str], rounds: int, steps: int, conditions: list[
                         while time.perf_counter() < until:
                             pass
                     samples[str(cond)].append(time.perf_counter() - t0)
-            samples["reference"] += reference.sample()
+            parts += _reference_parts(reference, torch)
+            samples["reference"] = [m + c for m, c in parts]  # what the plugin records
+            samples["reference_mm"] = [m for m, _ in parts]
+            samples["reference_copy"] = [c for _, c in parts]
             batch["tests"][case.id] = samples
         finally:
             runner.close()
@@ -125,10 +135,10 @@ def pytest_benchmark_fails(head: list[float], base: list[float], percent: float 
     return bool(check.fails({"mean": mean(head)}, {"mean": mean(base)}))
 
 
-def normalized(head: list[float], head_test: dict, base_test: dict) -> list[float]:
+def normalized(head: list[float], head_test: dict, base_test: dict, key: str = "reference") -> list[float]:
     """Head rounds rescaled by how much slower the machine ran the reference workload than at baseline time."""
     med = lambda xs: float(stats.np.median(xs))  # noqa: E731
-    factor = med(base_test["reference"]) / med(head_test["reference"])
+    factor = med(base_test[key]) / med(head_test[key])
     return [x * factor for x in head]
 
 
@@ -146,9 +156,12 @@ def evaluate(raw: dict, tolerances: list[float], alpha: float, pb_percent: float
         result["noise"][t] = {"median_robust_cv": float(stats.np.median(cvs)), "cv_of_batch_medians": stats.cv(meds),
                               "median_min_detectable_slowdown": float(stats.np.median(
                                   [stats.min_detectable_slowdown(b["tests"][t]["0.0"], alpha=alpha) for b in batches]))}
-    gates = {}
+    gates: dict = {}
     if "reference" in batches[0]["tests"][tests[0]]:
-        gates.update({f"diffperf tolerance={tol:.0%}, machine reference": ("norm", tol) for tol in tolerances})
+        gates.update({f"diffperf tolerance={tol:.0%}, machine reference": (("norm", "reference"), tol) for tol in tolerances})
+    for key in ("reference_mm", "reference_copy"):
+        if key in batches[0]["tests"][tests[0]]:
+            gates[f"diffperf tolerance={tolerances[0]:.0%}, {key.split('_')[1]} part only"] = (("norm", key), tolerances[0])
     gates.update({f"diffperf tolerance={tol:.0%}, raw": ("diffperf", tol) for tol in tolerances})
     gates[f"pytest-benchmark mean:{pb_percent:g}%"] = ("pb", pb_percent)
     for name, (kind, param) in gates.items():
@@ -161,8 +174,8 @@ def evaluate(raw: dict, tolerances: list[float], alpha: float, pb_percent: float
                     head = batches[i]["tests"][t][c]
                     if kind == "pb":
                         hit = pytest_benchmark_fails(head, base, param)
-                    elif kind == "norm":
-                        head = normalized(head, batches[i]["tests"][t], batches[i - 1]["tests"][t])
+                    elif kind[0] == "norm":
+                        head = normalized(head, batches[i]["tests"][t], batches[i - 1]["tests"][t], kind[1])
                         hit = stats.compare_samples(head, base, tolerance=param, alpha=alpha).verdict == "regressed"
                     else:
                         hit = stats.compare_samples(head, base, tolerance=param, alpha=alpha).verdict == "regressed"
@@ -177,8 +190,8 @@ def evaluate(raw: dict, tolerances: list[float], alpha: float, pb_percent: float
             base, head = batches[a]["tests"][t]["0.0"], batches[b]["tests"][t]["0.0"]
             if kind == "pb":
                 pair_alarms += pytest_benchmark_fails(head, base, param)
-            elif kind == "norm":
-                head = normalized(head, batches[b]["tests"][t], batches[a]["tests"][t])
+            elif kind[0] == "norm":
+                head = normalized(head, batches[b]["tests"][t], batches[a]["tests"][t], kind[1])
                 pair_alarms += stats.compare_samples(head, base, tolerance=param, alpha=alpha).verdict == "regressed"
             else:
                 pair_alarms += stats.compare_samples(head, base, tolerance=param, alpha=alpha).verdict == "regressed"

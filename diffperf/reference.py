@@ -1,10 +1,10 @@
 """A fixed CPU workload timed before and after each CPU case's rounds: how fast the machine ran at the time.
 
 Note: a shared runner's speed drifts by more than a gate's tolerance over minutes to hours. Measured here
-(2-core EPYC VM), the tiny pipelines and this workload went 15-20 % slower together for stretches of
-seconds to tens of minutes, while a SHA-256 workload did not move (the slowdown hits vector math, not
-the whole CPU). So the reference is vector math like the pipelines: float32 matmuls through torch on the
-suite's threads. The gate rescales a run's rounds by ``baseline reference / this run's reference`` only
+(2-core EPYC VM), the tiny pipelines went 10-20 % slower for stretches of seconds to tens of minutes;
+a SHA-256 workload did not move, float32 matmuls moved with them (correlation 0.89 over 4 minutes of
+interleaved calls) and a 64 MiB copy did best (0.92; the pipeline-to-reference ratio varied 1.5 % where
+the pipeline alone varied 3 %). So the reference is both, through torch on the suite's threads. The gate rescales a run's rounds by ``baseline reference / this run's reference`` only
 when both were measured by the same workload on the same torch build and thread count
 (:func:`identity`); a torch upgrade therefore turns the rescaling off instead of hiding what the upgrade
 did. It is measured outside the timed rounds (10 calls before the warmup, 10 after the rounds), so it
@@ -18,11 +18,10 @@ import statistics
 import time
 
 SIZE = 384
-MATMULS = 20
+MATMULS = 10
+STREAM_MIB = 64
+COPIES = 2
 CALLS = 10  # before the warmup rounds, and again after the timed rounds
-
-_cache: dict = {}
-
 
 def _torch():
     import sys
@@ -35,27 +34,42 @@ def identity() -> str | None:
     torch = _torch()
     if torch is None:
         return None
-    return f"torch {torch.__version__} float32 mm {SIZE}x{SIZE} x{MATMULS}, {torch.get_num_threads()} threads"
+    return (f"torch {torch.__version__} float32 mm {SIZE}x{SIZE} x{MATMULS} + {STREAM_MIB} MiB copy x{COPIES}, "
+            f"{torch.get_num_threads()} threads")
 
 
-def time_once() -> float:
-    """Seconds of one reference call."""
+def _buffers(torch) -> dict:
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(STREAM_MIB << 18, generator=g)  # float32: 4 bytes each
+    return {"a": torch.randn(SIZE, SIZE, generator=g), "src": src, "dst": torch.empty_like(src)}
+
+
+def time_parts(buffers: dict) -> tuple[float, float]:
+    """Seconds of the matmul part and of the copy part of one reference call."""
     torch = _torch()
-    if "a" not in _cache:
-        g = torch.Generator().manual_seed(0)
-        _cache["a"] = torch.randn(SIZE, SIZE, generator=g)
-    a = _cache["a"]
     t0 = time.perf_counter()
     for _ in range(MATMULS):
-        torch.mm(a, a)
-    return time.perf_counter() - t0
+        torch.mm(buffers["a"], buffers["a"])
+    t1 = time.perf_counter()
+    for _ in range(COPIES):
+        buffers["dst"].copy_(buffers["src"])
+    return t1 - t0, time.perf_counter() - t1
 
 
 def sample(calls: int = CALLS) -> list[float]:
-    """``calls`` reference times (empty when torch is not loaded)."""
-    if _torch() is None:
+    """``calls`` reference times (empty when torch is not loaded).
+
+    The 128 MiB of buffers live only during this call (one untimed call first touches them), so they
+    are in no case's peak memory.
+    """
+    torch = _torch()
+    if torch is None:
         return []
-    return [time_once() for _ in range(calls)]
+    buffers = _buffers(torch)
+    time_parts(buffers)
+    times = [sum(time_parts(buffers)) for _ in range(calls)]
+    del buffers
+    return times
 
 
 def summarize(samples: list[float]) -> dict | None:
