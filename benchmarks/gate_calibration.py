@@ -18,9 +18,9 @@ Both gates see the same samples: diffperf's (:func:`diffperf.stats.compare_sampl
 test applies: significantly slower and the median ratio above half the tolerance) and pytest-benchmark's
 ``--benchmark-compare-fail=mean:5%`` (``PercentageRegressionCheck``: ``head.mean / base.mean * 100 - 100 > 5``).
 Each case also times the machine reference of :mod:`diffperf.reference` as the plugin does (10 calls
-before the warmup, 10 after the rounds); the "machine reference" rows rescale head rounds by how much
-slower the machine ran it than at baseline time, as the gate does by default on CPU, and the "raw" rows
-are the gate with ``--perf-no-reference``.
+before the warmup, 10 after the rounds); the ``--perf-reference rescale`` rows rescale head rounds by how
+much slower the machine ran it than at baseline time, as that option makes the gate do, and two more rows
+rescale by its matmul part or its copy part alone. The plain diffperf rows are the gate's default.
 """
 
 from __future__ import annotations
@@ -156,13 +156,14 @@ def evaluate(raw: dict, tolerances: list[float], alpha: float, pb_percent: float
         result["noise"][t] = {"median_robust_cv": float(stats.np.median(cvs)), "cv_of_batch_medians": stats.cv(meds),
                               "median_min_detectable_slowdown": float(stats.np.median(
                                   [stats.min_detectable_slowdown(b["tests"][t]["0.0"], alpha=alpha) for b in batches]))}
-    gates: dict = {}
+    gates: dict = {f"diffperf tolerance={tol:.0%}": ("diffperf", tol) for tol in tolerances}
     if "reference" in batches[0]["tests"][tests[0]]:
-        gates.update({f"diffperf tolerance={tol:.0%}, machine reference": (("norm", "reference"), tol) for tol in tolerances})
+        gates.update({f"diffperf tolerance={tol:.0%}, --perf-reference rescale": (("norm", "reference"), tol)
+                      for tol in tolerances})
     for key in ("reference_mm", "reference_copy"):
         if key in batches[0]["tests"][tests[0]]:
-            gates[f"diffperf tolerance={tolerances[0]:.0%}, {key.split('_')[1]} part only"] = (("norm", key), tolerances[0])
-    gates.update({f"diffperf tolerance={tol:.0%}, raw": ("diffperf", tol) for tol in tolerances})
+            gates[f"diffperf tolerance={tolerances[0]:.0%}, rescaled by the {key.split('_')[1]} part only"] = (
+                ("norm", key), tolerances[0])
     gates[f"pytest-benchmark mean:{pb_percent:g}%"] = ("pb", pb_percent)
     for name, (kind, param) in gates.items():
         flagged = {c: 0 for c in conditions}

@@ -19,10 +19,11 @@ import re
 import sys
 from pathlib import Path
 
-from diffperf.fileio import atomic_write_text, read_json
 from typing import Any, Iterable, Sequence
 
 from diffperf import stats
+from diffperf.fileio import atomic_write_text, read_json
+from diffperf.gate import REFERENCE_NOTICE, machine_speed_factor, reference_notice
 
 RECORD_SCHEMA = 1
 VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
@@ -198,8 +199,12 @@ def _single(measured: float | None, base: float | None, tol: float) -> str:
 
 def compare(base: SavedRun | str | os.PathLike[str], head: SavedRun | str | os.PathLike[str], force: bool = False,
             tolerance: float = 0.10, alpha: float = 0.05, memory_tolerance: float = 0.10,
-            compile_tolerance: float = 0.25) -> list[Row]:
-    """One :class:`Row` per test of either run; :class:`HardwareMismatch` unless both ran on the same hardware."""
+            compile_tolerance: float = 0.25, rescale: bool = False) -> list[Row]:
+    """One :class:`Row` per test of either run; :class:`HardwareMismatch` unless both ran on the same hardware.
+
+    ``rescale`` rescales head rounds by the machine reference (as ``--perf-reference rescale``); without it a
+    machine-speed change of 3 % or more is only noted.
+    """
     base = base if isinstance(base, SavedRun) else load_run(base)
     head = head if isinstance(head, SavedRun) else load_run(head)
     bb, hbm = base.benchmarks, head.benchmarks
@@ -231,6 +236,15 @@ def compare(base: SavedRun | str | os.PathLike[str], head: SavedRun | str | os.P
         sb, sh = samples_of(b), samples_of(h)
         row = Row(test, "inconclusive", base_median=median_of(b), head_median=median_of(h), tolerance=tol)
         if len(sb) >= 2 and len(sh) >= 2:
+            factor, ref_note = machine_speed_factor(rh, rb)
+            if factor != 1.0 and rescale:
+                sh = [x * factor for x in sh]
+                row.note = f"head rounds rescaled by {factor:.3f} for the machine's speed (reference workload)"
+            elif abs(factor - 1.0) >= REFERENCE_NOTICE:
+                row.note = reference_notice(factor, rb["reference_s"], rh["reference_s"]).replace(
+                    "--perf-reference rescale", "--rescale-by-reference")
+            elif ref_note:
+                row.note = ref_note
             c = stats.compare_samples(sh, sb, tolerance=tol, alpha=alpha)
             row.verdict, row.ratio, row.ci_low, row.ci_high, row.p_value = c.verdict, c.ratio, c.ci.low, c.ci.high, c.p_value
         else:
@@ -283,8 +297,14 @@ def render_table(rows: Sequence[Row], base: SavedRun, head: SavedRun) -> str:
     out = [f"base {base.label} ({base.path})", f"head {head.label} ({head.path})", ""]
     for line in [HEADER, ["-" * w for w in widths], *body]:
         out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
-    out += ["", summary_line(rows)]
+    out += ["", summary_line(rows), *_notes(rows)]
     return "\n".join(out)
+
+
+def _notes(rows: Sequence[Row]) -> list[str]:
+    """One line per test that carries a note (rescaled rounds, nothing to test, new or removed)."""
+    notes = [f"- {r.test}: {r.note}" for r in rows if r.note]
+    return ["", "notes:", *notes] if notes else []
 
 
 def render_markdown(rows: Sequence[Row], base: SavedRun, head: SavedRun) -> str:
@@ -301,6 +321,8 @@ def render_markdown(rows: Sequence[Row], base: SavedRun, head: SavedRun) -> str:
         out.append("| " + " | ".join(esc(c) if i else c for i, c in enumerate(cells)) + " |")
     out += ["", "ratio = head median / base median with its 95% bootstrap interval; p = one-sided Mann-Whitney U; "
             "memory and compile = relative change of peak memory and compile seconds (`!` beyond tolerance)."]
+    out += [line.replace("- ", "- `", 1).replace(": ", "`: ", 1) if line.startswith("- ") else line
+            for line in _notes(rows)]
     return "\n".join(out) + "\n"
 
 
@@ -463,6 +485,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--markdown", help="write a markdown report here ('-' for $GITHUB_STEP_SUMMARY)")
     p.add_argument("--html", help="write a self-contained HTML report here")
     p.add_argument("--force", action="store_true", help="compare runs from different hardware anyway")
+    p.add_argument("--rescale-by-reference", action="store_true",
+                   help="rescale head rounds by the machine reference workload before the test (default: only note it)")
     p.add_argument("--trend", help="plot the last N saved runs (or 'all') in the HTML report")
     p.add_argument("--tolerance", type=float, default=0.10)
     p.add_argument("--alpha", type=float, default=0.01)
@@ -472,7 +496,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     try:
         base = load_run(resolve_run(a.base, a.storage))
         head = load_run(resolve_run(a.head, a.storage))
-        rows = compare(base, head, force=a.force, tolerance=a.tolerance, alpha=a.alpha)
+        rows = compare(base, head, force=a.force, tolerance=a.tolerance, alpha=a.alpha, rescale=a.rescale_by_reference)
     except RunError as exc:
         print(f"diffperf compare: error: {exc}", file=sys.stderr)
         return 2

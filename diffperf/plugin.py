@@ -124,6 +124,12 @@ def parse_seconds(value: str) -> float:
     return s
 
 
+def parse_reference(value: str) -> str:
+    if value not in ("report", "rescale", "off"):
+        raise argparse.ArgumentTypeError(f"unknown reference mode {value!r}; choose from report, rescale, off")
+    return value
+
+
 def parse_malloc(value: str) -> str:
     from diffperf.malloc import MODES
 
@@ -185,9 +191,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write this run's results into baselines/<hardware-id>.json (atomically, keeping other entries). Default: off.")
     add("--perf-inject-slowdown", type=parse_fraction("injected slowdown"), default=0.0, metavar="FRACTION",
         help="make every timed call this much slower (calibrates the gate; never use for real runs). Default: 0.")
-    add("--perf-no-reference", action="store_true", default=False,
-        help="do not time the machine-speed reference workload around CPU cases, so the gate compares raw "
-             "rounds (see diffperf/reference.py). Default: timed, and used when the baseline has a matching one.")
+    add("--perf-reference", type=parse_reference, default="report", metavar="MODE",
+        help="machine-speed reference workload timed around CPU cases (diffperf/reference.py): 'report' records "
+             "it and notes a machine-speed change next to the gate's verdict, 'rescale' also rescales the rounds by "
+             "it before the test, 'off' does not time it. Default: report.")
     add("--perf-malloc", type=parse_malloc, default="steady", metavar="MODE",
         help="C allocator policy of the measuring process: 'steady' pins glibc's adaptive mmap/trim thresholds "
              "so a case's speed does not depend on what ran before it (see diffperf/malloc.py), 'system' "
@@ -421,7 +428,7 @@ class PerfSession:
             prepared, None if getattr(benchmark, "disabled", False) else benchmark,
             rounds=opt("perf_rounds"), warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
             tolerance=tolerance, inject_slowdown=opt("perf_inject_slowdown"),
-            machine_reference=not opt("perf_no_reference"),
+            machine_reference=opt("perf_reference") != "off",
         )
         try:
             result = self.fidelity(prepared)
@@ -482,7 +489,7 @@ def _make_gate(config: pytest.Config):
     return Gate(GateSettings(
         tolerance=opt("perf_tolerance"), memory_tolerance=opt("perf_memory_tolerance"),
         compile_tolerance=opt("perf_compile_tolerance"), alpha=opt("perf_alpha"),
-        update=opt("perf_update_baselines"),
+        update=opt("perf_update_baselines"), rescale_by_reference=opt("perf_reference") == "rescale",
         baselines_dir=Path(baselines).resolve() if baselines else Path(config.rootpath) / "baselines",
     ))
 

@@ -146,3 +146,24 @@ def test_module_runs_on_its_own(storage):
                           capture_output=True, text=True, cwd=Path(cmp.__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
     assert "unchanged" in proc.stdout or "inconclusive" in proc.stdout
+
+
+def test_machine_reference_rescales_only_a_matching_workload(tmp_path, storage):
+    """Head ran 30% slower, and so did the machine's reference workload: no regression, with a note saying why."""
+    folder = tmp_path / "Linux-CPython-3.11-64bit"
+    folder.mkdir()
+    for number, src, ref, ident in [("0001", "1", 0.030, "torch X mm"), ("0002", "3", 0.039, "torch X mm"),
+                                    ("0003", "3", 0.039, "torch Y mm")]:
+        data = json.loads(run_file(storage, src).read_text())
+        for b in data["benchmarks"]:
+            b["extra_info"].update(reference_s=ref, reference_id=ident)
+        (folder / f"{number}_run.json").write_text(json.dumps(data))
+    rows = cmp.compare(folder / "0001_run.json", folder / "0002_run.json")  # default: flagged, with the machine noted
+    assert all(r.verdict == "regressed" and "reference workload 30% slower" in r.note for r in rows)
+    rows = cmp.compare(folder / "0001_run.json", folder / "0002_run.json", rescale=True)
+    assert all(r.verdict in ("unchanged", "inconclusive") and 0.95 < r.ratio < 1.05 for r in rows)
+    assert all("rescaled by 0.769" in r.note for r in rows)
+    base, head = cmp.load_run(folder / "0001_run.json"), cmp.load_run(folder / "0002_run.json")
+    assert "notes:" in cmp.render_table(rows, base, head) and "rescaled by 0.769" in cmp.render_markdown(rows, base, head)
+    rows = cmp.compare(folder / "0001_run.json", folder / "0003_run.json", rescale=True)  # another torch build
+    assert all(r.verdict == "regressed" and "not rescaled" in r.note for r in rows)

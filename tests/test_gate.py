@@ -191,12 +191,15 @@ def test_reference_workload_rescales_a_slower_machine(tmp_path):
     store = BaselineStore.load(baseline_path(tmp_path, HW))
     store.put(make_entry("t::a", rec))
     store.save()
-    gate = Gate(GateSettings(baselines_dir=tmp_path))
+    gate = Gate(GateSettings(baselines_dir=tmp_path, rescale_by_reference=True))
     busy = record(lognormal(20, 1.5, seed=2))
     assert gate.check("t::a", HW, busy).failed
     busy["reference_s"], busy["reference_id"] = 0.075, "torch 2.13.0 mm, 2 threads"  # the whole machine ran 1.5x slower
     out = gate.check("t::a", HW, busy)
     assert not out.failed and abs(out.info["machine_speed_factor"] - 2 / 3) < 1e-9 and "rescaled" in out.message
+    reported = Gate(GateSettings(baselines_dir=tmp_path)).check("t::a", HW, busy)  # the default: report only
+    assert reported.failed and not reported.info["rescaled_by_reference"]
+    assert "reference workload 50% slower than at baseline time" in reported.message
     busy["reference_id"] = "torch 2.14.0 mm, 2 threads"  # an upgrade may have moved the reference itself
     out = gate.check("t::a", HW, busy)
     assert out.failed and out.info["machine_speed_factor"] == 1.0

@@ -38,6 +38,7 @@ def test_help_lists_options_with_defaults(pytester: pytest.Pytester):
         (["--perf-tolerance", "-3"], "*tolerance must be between 0 and 10*"),
         (["--perf-weights", "/nonexistent/sdxl"], "*--perf-weights /nonexistent/sdxl: no such directory*"),
         (["--perf-malloc", "jemalloc"], "*unknown malloc mode 'jemalloc'; choose from steady, system*"),
+        (["--perf-reference", "normalize"], "*unknown reference mode 'normalize'; choose from report, rescale, off*"),
     ],
 )
 def test_bad_option_values_name_the_problem(fake_suite, args, message):
