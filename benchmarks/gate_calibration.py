@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffperf import stats  # noqa: E402
+from diffperf.fileio import atomic_write_text  # noqa: E402
+from diffperf.gate import machine_speed_factor  # noqa: E402
 from diffperf.hardware import hardware_id, software_versions  # noqa: E402
 
 
@@ -71,13 +73,6 @@ def collect(recipes: list[str], runs: int, rounds: int, steps: int, slowdowns: l
     return raw
 
 
-def _reference_parts(reference, torch) -> list[tuple[float, float]]:
-    """:func:`diffperf.reference.sample`, keeping its matmul and copy parts apart to evaluate each alone."""
-    buffers = reference._buffers(torch)
-    reference.time_parts(buffers)
-    return [reference.time_parts(buffers) for _ in range(reference.CALLS)]
-
-
 def collect_batch(recipes: list[str], rounds: int, steps: int, conditions: list[float], warmup: int,
                   threads: int | None, malloc_mode: str = "steady") -> dict:
     """One batch (one simulated CI run): build each pipeline, warm it up, time the interleaved conditions."""
@@ -99,7 +94,7 @@ def collect_batch(recipes: list[str], rounds: int, steps: int, conditions: list[
         runner = torch_diffusers.build(case)
         try:
             samples: dict[str, list[float]] = {str(c): [] for c in conditions}
-            parts = _reference_parts(reference, torch)
+            parts = reference.sample_parts()
             for _ in range(warmup):
                 runner.generate()
             for r in range(rounds):
@@ -115,7 +110,7 @@ def collect_batch(recipes: list[str], rounds: int, steps: int, conditions: list[
                         while time.perf_counter() < until:
                             pass
                     samples[str(cond)].append(time.perf_counter() - t0)
-            parts += _reference_parts(reference, torch)
+            parts += reference.sample_parts()
             samples["reference"] = [m + c for m, c in parts]  # what the plugin records
             samples["reference_mm"] = [m for m, _ in parts]
             samples["reference_copy"] = [c for _, c in parts]
@@ -136,9 +131,9 @@ def pytest_benchmark_fails(head: list[float], base: list[float], percent: float 
 
 
 def normalized(head: list[float], head_test: dict, base_test: dict, key: str = "reference") -> list[float]:
-    """Head rounds rescaled by how much slower the machine ran the reference workload than at baseline time."""
+    """Head rounds rescaled as the gate does with ``--perf-reference rescale`` (by the ``key`` reference)."""
     med = lambda xs: float(stats.np.median(xs))  # noqa: E731
-    factor = med(base_test[key]) / med(head_test[key])
+    factor, _ = machine_speed_factor({"reference_s": med(head_test[key])}, {"reference_s": med(base_test[key])})
     return [x * factor for x in head]
 
 
@@ -224,12 +219,7 @@ def render(raw: dict, res: dict) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

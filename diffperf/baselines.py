@@ -19,9 +19,9 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from diffperf.fileio import atomic_write_text, read_json
-from typing import Any
 
 SCHEMA = 1
 SCHEMA_KEY = "diffperf_baseline_schema"

@@ -18,7 +18,6 @@ import os
 import re
 import sys
 from pathlib import Path
-
 from typing import Any, Iterable, Sequence
 
 from diffperf import stats
@@ -241,8 +240,7 @@ def compare(base: SavedRun | str | os.PathLike[str], head: SavedRun | str | os.P
                 sh = [x * factor for x in sh]
                 row.note = f"head rounds rescaled by {factor:.3f} for the machine's speed (reference workload)"
             elif abs(factor - 1.0) >= REFERENCE_NOTICE:
-                row.note = reference_notice(factor, rb["reference_s"], rh["reference_s"]).replace(
-                    "--perf-reference rescale", "--rescale-by-reference")
+                row.note = reference_notice(factor, rb["reference_s"], rh["reference_s"], "--rescale-by-reference")
             elif ref_note:
                 row.note = ref_note
             c = stats.compare_samples(sh, sb, tolerance=tol, alpha=alpha)
@@ -301,9 +299,9 @@ def render_table(rows: Sequence[Row], base: SavedRun, head: SavedRun) -> str:
     return "\n".join(out)
 
 
-def _notes(rows: Sequence[Row]) -> list[str]:
+def _notes(rows: Sequence[Row], quote: str = "") -> list[str]:
     """One line per test that carries a note (rescaled rounds, nothing to test, new or removed)."""
-    notes = [f"- {r.test}: {r.note}" for r in rows if r.note]
+    notes = [f"- {quote}{r.test}{quote}: {r.note}" for r in rows if r.note]
     return ["", "notes:", *notes] if notes else []
 
 
@@ -321,8 +319,7 @@ def render_markdown(rows: Sequence[Row], base: SavedRun, head: SavedRun) -> str:
         out.append("| " + " | ".join(esc(c) if i else c for i, c in enumerate(cells)) + " |")
     out += ["", "ratio = head median / base median with its 95% bootstrap interval; p = one-sided Mann-Whitney U; "
             "memory and compile = relative change of peak memory and compile seconds (`!` beyond tolerance)."]
-    out += [line.replace("- ", "- `", 1).replace(": ", "`: ", 1) if line.startswith("- ") else line
-            for line in _notes(rows)]
+    out += _notes(rows, quote="`")
     return "\n".join(out) + "\n"
 
 
@@ -444,10 +441,6 @@ def render_html(rows: Sequence[Row], base: SavedRun, head: SavedRun, trend_runs:
     return "\n".join(parts)
 
 
-def _write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write_text(path, text)
-
-
 def trend_runs_for(head: SavedRun, storage: str | os.PathLike[str], n: str) -> list[SavedRun]:
     """The last ``n`` (or ``all``) saved runs of head's folder up to head, oldest first.
 
@@ -509,10 +502,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                 with open(target, "a", encoding="utf-8") as fh:
                     fh.write(md)
             else:
-                _write_text(target, md)
+                atomic_write_text(target, md)
     if a.html:
         trend = trend_runs_for(head, a.storage, a.trend) if a.trend else []
-        _write_text(a.html, render_html(rows, base, head, trend))
+        atomic_write_text(a.html, render_html(rows, base, head, trend))
     return 1 if any(r.regressed for r in rows) else 0
 
 

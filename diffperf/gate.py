@@ -213,12 +213,12 @@ class Gate:
 REFERENCE_NOTICE = 0.03  # a machine-speed change this large is mentioned next to the verdict
 
 
-def reference_notice(factor: float, base_s: float, now_s: float) -> str:
+def reference_notice(factor: float, base_s: float, now_s: float, option: str = "--perf-reference rescale") -> str:
     """The line that tells a reader the machine itself ran at another speed than at baseline time."""
     how = "slower" if factor < 1 else "faster"
     return (f"note: the machine ran its reference workload {abs(1 / factor - 1):.0%} {how} than at baseline time "
             f"({stats.fmt_seconds(base_s)} -> {stats.fmt_seconds(now_s)}); part of this difference may be the machine "
-            f"(--perf-reference rescale corrects for it)")
+            f"({option} corrects for it)")
 
 
 def machine_speed_factor(record: dict, base: dict) -> tuple[float, str | None]:

@@ -18,7 +18,9 @@ import pytest
 
 from diffperf import hardware, progress
 from diffperf.cases import DEVICES, FRAMEWORKS, Case, RecipeError, framework_spec, resolve_recipes
+from diffperf.malloc import MODES as MALLOC_MODES
 from diffperf.presets import PRESETS, get_preset
+from diffperf.reference import MODES as REFERENCE_MODES
 
 DEFAULT_PRESET = {"cpu": "tiny", "cuda": "sdxl", "tpu": "sdxl"}
 
@@ -124,18 +126,16 @@ def parse_seconds(value: str) -> float:
     return s
 
 
-def parse_reference(value: str) -> str:
-    if value not in ("report", "rescale", "off"):
-        raise argparse.ArgumentTypeError(f"unknown reference mode {value!r}; choose from report, rescale, off")
-    return value
+def _choice(what: str, choices: tuple[str, ...]):
+    """A parser of one of ``choices`` whose error names ``what`` and lists them."""
 
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+        return value
 
-def parse_malloc(value: str) -> str:
-    from diffperf.malloc import MODES
-
-    if value not in MODES:
-        raise argparse.ArgumentTypeError(f"unknown malloc mode {value!r}; choose from {', '.join(MODES)}")
-    return value
+    parse.__name__ = what.replace(" ", "_")
+    return parse
 
 
 def parse_weights_dir(value: str) -> Path:
@@ -191,11 +191,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write this run's results into baselines/<hardware-id>.json (atomically, keeping other entries). Default: off.")
     add("--perf-inject-slowdown", type=parse_fraction("injected slowdown"), default=0.0, metavar="FRACTION",
         help="make every timed call this much slower (calibrates the gate; never use for real runs). Default: 0.")
-    add("--perf-reference", type=parse_reference, default="report", metavar="MODE",
+    add("--perf-reference", type=_choice("reference mode", REFERENCE_MODES), default="report", metavar="MODE",
         help="machine-speed reference workload timed around CPU cases (diffperf/reference.py): 'report' records "
              "it and notes a machine-speed change next to the gate's verdict, 'rescale' also rescales the rounds by "
              "it before the test, 'off' does not time it. Default: report.")
-    add("--perf-malloc", type=parse_malloc, default="steady", metavar="MODE",
+    add("--perf-malloc", type=_choice("malloc mode", MALLOC_MODES), default="steady", metavar="MODE",
         help="C allocator policy of the measuring process: 'steady' pins glibc's adaptive mmap/trim thresholds "
              "so a case's speed does not depend on what ran before it (see diffperf/malloc.py), 'system' "
              "leaves them alone. Default: steady.")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 
+MODES = ("report", "rescale", "off")  # what --perf-reference does with it
 SIZE = 384
 MATMULS = 10
 STREAM_MIB = 64
@@ -56,8 +57,8 @@ def time_parts(buffers: dict) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
-def sample(calls: int = CALLS) -> list[float]:
-    """``calls`` reference times (empty when torch is not loaded).
+def sample_parts(calls: int = CALLS) -> list[tuple[float, float]]:
+    """``calls`` reference calls as ``(matmul seconds, copy seconds)`` (empty when torch is not loaded).
 
     The 128 MiB of buffers live only during this call (one untimed call first touches them), so they
     are in no case's peak memory.
@@ -67,9 +68,14 @@ def sample(calls: int = CALLS) -> list[float]:
         return []
     buffers = _buffers(torch)
     time_parts(buffers)
-    times = [sum(time_parts(buffers)) for _ in range(calls)]
+    parts = [time_parts(buffers) for _ in range(calls)]
     del buffers
-    return times
+    return parts
+
+
+def sample(calls: int = CALLS) -> list[float]:
+    """``calls`` reference times, matmul and copy together (empty when torch is not loaded)."""
+    return [mm + copy for mm, copy in sample_parts(calls)]
 
 
 def summarize(samples: list[float]) -> dict | None:

@@ -182,8 +182,8 @@ def compare_samples(head: Sequence[float], base: Sequence[float], tolerance: flo
     * ``unchanged``: otherwise.
 
     The interval only knows the noise *within* each run, not how the machine's speed drifted between the
-    baseline's run and this one; that drift is what :mod:`diffperf.reference` measures and the gate
-    rescales away before calling this.
+    baseline's run and this one; that drift is what :mod:`diffperf.reference` measures, and what the gate
+    reports (or, with ``--perf-reference rescale``, rescales away) next to this verdict.
     """
     h, b = _arr(head), _arr(base)
     ci = median_ratio_ci(h, b, 1 - alpha if alpha < 0.5 else 0.95, n_boot, seed)
