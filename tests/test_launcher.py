@@ -171,6 +171,9 @@ def test_ctrl_c_stops_the_workers_and_keeps_what_finished(suite, monkeypatch):
         [sys.executable, "-m", "diffperf", "launch", "--json", "run.json", "--run-dir", str(run_dir), "--",
          "-m", "cpu", "--perf-recipes", "torch:fp32-classic,torch:fp32-sdpa", *FAST],
         cwd=suite.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A Ctrl-C at a terminal: SIGINT handled. A non-interactive shell starts background jobs with SIGINT
+        # ignored, and an ignored SIGINT is inherited (Python then installs no KeyboardInterrupt handler).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until the hanging case has started
