@@ -167,13 +167,15 @@ def test_case_timeout_kills_the_case_and_the_rest_goes_on(suite, monkeypatch):
 def test_ctrl_c_stops_the_workers_and_keeps_what_finished(suite, monkeypatch):
     monkeypatch.setenv("FAKE_HANG_ON", "fp32-sdpa")
     run_dir = suite.path / "launch"
+    # A Ctrl-C at a terminal, where SIGINT is handled: a non-interactive shell starts background jobs with
+    # SIGINT ignored, an ignored SIGINT is inherited, and Python then installs no KeyboardInterrupt handler.
+    # (Not preexec_fn: forking a process that has loaded JAX can deadlock.)
+    as_at_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "sys.argv[0] = 'diffperf'; runpy.run_module('diffperf', run_name='__main__', alter_sys=True)")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffperf", "launch", "--json", "run.json", "--run-dir", str(run_dir), "--",
+        [sys.executable, "-c", as_at_a_terminal, "launch", "--json", "run.json", "--run-dir", str(run_dir), "--",
          "-m", "cpu", "--perf-recipes", "torch:fp32-classic,torch:fp32-sdpa", *FAST],
         cwd=suite.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        # A Ctrl-C at a terminal: SIGINT handled. A non-interactive shell starts background jobs with SIGINT
-        # ignored, and an ignored SIGINT is inherited (Python then installs no KeyboardInterrupt handler).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until the hanging case has started
