@@ -258,3 +258,52 @@ def test_models_are_shared_between_recipes_that_only_compile_differently(kcv, ru
     assert kcv._SHARED  # kept for the next TF case
     release_shared(keep="torch")
     assert not kcv._SHARED  # another framework's case: dropped
+
+
+_XLA_CACHE_SCRIPT = """
+import sys
+import numpy as np, keras
+from pipelines.kerascv_sd import align_function_uids
+extra, align = int(sys.argv[1]), sys.argv[2] == "align"
+x = np.ones((1, 4), np.float32)
+eager = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+for _ in range(extra):  # a noisy earlier case: its round count varies from run to run
+    eager.predict_on_batch(x)
+if align:
+    align_function_uids()
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+model.compile(jit_compile=True)
+model.predict_on_batch(x)
+"""
+
+
+def _xla_cache_files(tmp_path, runs: list[tuple[int, str]]) -> list[str]:
+    cache = tmp_path / "tf-xla"
+    env = {"TF_XLA_FLAGS": f"--tf_xla_persistent_cache_directory={cache}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    import os
+
+    for extra, align in runs:
+        proc = subprocess.run([sys.executable, "-c", _XLA_CACHE_SCRIPT, str(extra), align], capture_output=True,
+                              text=True, env={**os.environ, **env}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return sorted(p.name for p in cache.iterdir())
+
+
+def test_xla_persistent_cache_hits_after_a_different_number_of_earlier_calls(kcv, tmp_path):
+    """Aligned uids: the second process finds the first one's XLA executable although it made 5 more calls.
+
+    Without the alignment (the control), the same two processes write two cache entries.
+    """
+    assert len(_xla_cache_files(tmp_path / "aligned", [(0, "align"), (5, "align")])) == 1
+    assert len(_xla_cache_files(tmp_path / "control", [(0, "plain"), (5, "plain")])) == 2
+
+
+def test_align_function_uids_lands_on_the_block_boundary(kcv):
+    from tensorflow.python import pywrap_tfe
+
+    first = kcv.align_function_uids(block=1000)
+    assert first % 1000 == 0
+    for _ in range(7):
+        pywrap_tfe.TFE_Py_UID()
+    assert kcv.align_function_uids(block=1000) == first + 1000
+    assert pywrap_tfe.TFE_Py_UID() == first + 1000  # the next function traced takes the boundary uid
