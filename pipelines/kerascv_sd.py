@@ -315,6 +315,8 @@ class KerasCVRunner(Runner):
         self._info = info
         self._pending: list = []
         self._closed = False
+        # Everything this runner traces gets names that do not depend on what ran before it (XLA cache keys).
+        info["tf_uid_start"] = align_function_uids()
 
     def synchronize(self) -> None:
         """Materialize the outputs queued since the last sync (TF eager ops on GPU are asynchronous)."""
@@ -589,7 +591,6 @@ def build_savedmodel_fns(case: Case, folder: Path, info: dict[str, Any]):
     t0 = time.perf_counter()
     fns = [load_concrete_fn(folder / name) for name in COMPONENTS]
     info["load_s"] = time.perf_counter() - t0
-    info["tf_uid_start"] = align_function_uids()  # the export of a cold run takes uids a warm run does not
     xla = [name for name in COMPONENTS if recipe.jit_compile and (name != "text_encoder" or recipe.xla_text_encoder)]
     fns = [tf.function(fn, jit_compile=True) if name in xla else fn for name, fn in zip(COMPONENTS, fns)]
     info["xla_components"] = xla
@@ -656,8 +657,10 @@ def align_function_uids(block: int = UID_BLOCK) -> int:
     fingerprint). Each ``predict_on_batch`` call takes two uids, so a case whose adaptive round count
     differs between two runs shifts every later function's name, and the next XLA case misses the cache
     the previous run filled. Starting each case at a block boundary makes its names depend only on what
-    the case itself does, so a rerun of the same matrix hits. Burning a block costs about 0.13 s for
-    2**20 uids, once per build, outside every timed region.
+    the case itself does, so a rerun of the same matrix hits. Runners align when they are created, after
+    the build (whose uids differ between a cold run that exports SavedModels and a warm one that loads
+    them) and before their first call traces anything. Burning a block costs about 0.13 s for 2**20 uids,
+    once per runner, outside every timed region.
     """
     from tensorflow.python import pywrap_tfe
 
@@ -696,8 +699,7 @@ def build(case: Case) -> KerasCVRunner:
     saved_policy = keras.mixed_precision.global_policy().name
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(recipe.keras_policy)
-    info: dict[str, Any] = {"keras_policy": recipe.keras_policy, "jit_compile": recipe.jit_compile,
-                            "tf_uid_start": align_function_uids()}
+    info: dict[str, Any] = {"keras_policy": recipe.keras_policy, "jit_compile": recipe.jit_compile}
     try:
         with tf.device(device):
             if recipe.savedmodel:

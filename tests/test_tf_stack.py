@@ -7,6 +7,7 @@ about two minutes on two CPU cores.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -280,8 +281,6 @@ model.predict_on_batch(x)
 def _xla_cache_files(tmp_path, runs: list[tuple[int, str]]) -> list[str]:
     cache = tmp_path / "tf-xla"
     env = {"TF_XLA_FLAGS": f"--tf_xla_persistent_cache_directory={cache}", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    import os
-
     for extra, align in runs:
         proc = subprocess.run([sys.executable, "-c", _XLA_CACHE_SCRIPT, str(extra), align], capture_output=True,
                               text=True, env={**os.environ, **env}, timeout=300)
