@@ -21,6 +21,8 @@ from diffperf.cases import DEVICES, FRAMEWORKS, Case, RecipeError, framework_spe
 from diffperf.malloc import MODES as MALLOC_MODES
 from diffperf.presets import PRESETS, get_preset
 from diffperf.reference import MODES as REFERENCE_MODES
+from diffperf.session import PerfSession
+from diffperf.table import results_table
 
 DEFAULT_PRESET = {"cpu": "tiny", "cuda": "sdxl", "tpu": "sdxl"}
 
@@ -298,7 +300,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     progress.sink = None
 
 
-def _session(config: pytest.Config) -> "PerfSession":
+def _session(config: pytest.Config) -> PerfSession:
     return config._diffperf_session  # type: ignore[attr-defined]
 
 
@@ -391,72 +393,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class PerfSession:
-    """Per-run state: reference outputs for the fidelity guard, records for the summary, the gate."""
-
-    def __init__(self, config: pytest.Config):
-        self.config = config
-        self.references: dict = {}
-        self.records: list[tuple[str, dict]] = []
-        self.gate = _make_gate(config)
-
-    def fidelity(self, prepared) -> dict | None:
-        """Compare ``prepared``'s output with its fp32 reference (``None`` with --perf-no-fidelity)."""
-        from diffperf import fidelity
-
-        if self.config.getoption("perf_no_fidelity"):
-            return None
-        if getattr(prepared, "fidelity_result", None) is None:
-            ref = self.reference(prepared.case)
-            gen = prepared.generation
-            prepared.fidelity_result = fidelity.compare(
-                gen.images, gen.latents, ref.images, ref.latents, prepared.case.recipe.fidelity_thresholds()
-            )
-        return prepared.fidelity_result
-
-    def measure(self, prepared, benchmark, request: pytest.FixtureRequest) -> dict:
-        """Time the steady state, attach the record to the benchmark, and apply the regression gate."""
-        from diffperf import harness
-        from diffperf.fidelity import FidelityError
-
-        opt = self.config.getoption
-        marker = request.node.get_closest_marker("perf_tolerance")
-        tolerance = float(marker.args[0]) if marker else opt("perf_tolerance")
-        case = prepared.case
-        benchmark.group = f"{case.framework}-{case.device}-{case.preset}"
-        rec = harness.measure(
-            prepared, None if getattr(benchmark, "disabled", False) else benchmark,
-            rounds=opt("perf_rounds"), warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
-            tolerance=tolerance, inject_slowdown=opt("perf_inject_slowdown"),
-            machine_reference=opt("perf_reference") != "off",
-        )
-        try:
-            result = self.fidelity(prepared)
-            rec["fidelity"] = None if result is None else result.as_dict() | {"ok": result.ok}
-        except FidelityError as exc:
-            rec["fidelity"] = {"ok": False, "error": str(exc)}
-        if self.gate is not None:
-            outcome = self.gate.check(request.node.nodeid, rec["hardware_id"], rec, tolerance=tolerance)
-            rec["gate"] = outcome.info
-            rec["gate_message"] = outcome.message
-        benchmark.extra_info.update(rec)
-        self.records.append((request.node.nodeid, rec))
-        if self.gate is not None and outcome.failed:
-            pytest.fail(outcome.message, pytrace=False)
-        return rec
-
-    def reference(self, case: Case):
-        """The fp32 unoptimized output for ``case`` (built on demand and released at once)."""
-        from diffperf.harness import prepare
-
-        ref_case = case.reference
-        if ref_case not in self.references:
-            prepared = prepare(ref_case)
-            self.references[ref_case] = prepared.generation
-            prepared.close()
-        return self.references[ref_case]
-
-
 @pytest.fixture(scope="session")
 def perf_session(pytestconfig: pytest.Config) -> PerfSession:
     """The run's :class:`PerfSession`."""
@@ -476,22 +412,6 @@ def perf_case(request: pytest.FixtureRequest, perf_session: PerfSession):
         yield prepared
     finally:
         prepared.close()
-
-
-def _make_gate(config: pytest.Config):
-    """The regression gate configured from the options (``None`` until diffperf.gate is present)."""
-    try:
-        from diffperf.gate import Gate, GateSettings
-    except ImportError:
-        return None
-    opt = config.getoption
-    baselines = opt("perf_baselines_dir")
-    return Gate(GateSettings(
-        tolerance=opt("perf_tolerance"), memory_tolerance=opt("perf_memory_tolerance"),
-        compile_tolerance=opt("perf_compile_tolerance"), alpha=opt("perf_alpha"),
-        update=opt("perf_update_baselines"), rescale_by_reference=opt("perf_reference") == "rescale",
-        baselines_dir=Path(baselines).resolve() if baselines else Path(config.rootpath) / "baselines",
-    ))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -517,42 +437,6 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
     machine_info.update(hardware.machine_info())
     machine_info["malloc"] = malloc.current()
-
-
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def _fmt_s(x) -> str:
-    if x is None:
-        return "-"
-    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
-
-
-def results_table(records: list[tuple[str, dict]]) -> list[str]:
-    """The terminal table of this run's results, one line per case."""
-    header = ("case", "median", "cv", "cold start", "compile", "peak mem", "img/s", "fidelity", "gate")
-    rows = []
-    for _nodeid, r in records:
-        fid = r.get("fidelity") or {}
-        if "error" in fid:
-            fid_s = "NON-FINITE"
-        elif fid:
-            psnr = fid.get("psnr_db")
-            fid_s = ("identical" if fid.get("identical") else f"{psnr:.1f} dB") + ("" if fid.get("ok") else " FAIL")
-        else:
-            fid_s = "-"
-        gate = (r.get("gate") or {}).get("verdict", "-")
-        rows.append((
-            f"{r['framework']}-{r['device']}-{r['case']['id']}", _fmt_s(r["median_s"]), f"{r['cv'] * 100:.1f}%",
-            _fmt_s(r["cold_start_s"]), _fmt_s(r.get("compile_s")), _fmt_bytes(r["peak_memory_bytes"].get("steady")),
-            f"{r['images_per_s']:.2f}", fid_s, gate,
-        ))
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
-    return [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -1,0 +1,39 @@
+"""The terminal results table of a run, one line per measured case."""
+
+from __future__ import annotations
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _fmt_s(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def results_table(records: list[tuple[str, dict]]) -> list[str]:
+    """The terminal table of this run's results, one line per case."""
+    header = ("case", "median", "cv", "cold start", "compile", "peak mem", "img/s", "fidelity", "gate")
+    rows = []
+    for _nodeid, r in records:
+        fid = r.get("fidelity") or {}
+        if "error" in fid:
+            fid_s = "NON-FINITE"
+        elif fid:
+            psnr = fid.get("psnr_db")
+            fid_s = ("identical" if fid.get("identical") else f"{psnr:.1f} dB") + ("" if fid.get("ok") else " FAIL")
+        else:
+            fid_s = "-"
+        gate = (r.get("gate") or {}).get("verdict", "-")
+        rows.append((
+            f"{r['framework']}-{r['device']}-{r['case']['id']}", _fmt_s(r["median_s"]), f"{r['cv'] * 100:.1f}%",
+            _fmt_s(r["cold_start_s"]), _fmt_s(r.get("compile_s")), _fmt_bytes(r["peak_memory_bytes"].get("steady")),
+            f"{r['images_per_s']:.2f}", fid_s, gate,
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
+    return [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
