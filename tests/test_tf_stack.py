@@ -17,6 +17,7 @@ import pytest
 
 from diffperf.cases import Case, RecipeError, framework_spec, resolve_recipes
 from pipelines.tf_recipes import GUIDE_LADDER, SAVEDMODEL, TF_ISSUE_59818, KerasRecipe
+from tests.numerics import assert_close_to_scale
 
 STEPS = 2
 
@@ -191,7 +192,8 @@ def test_savedmodel_round_trip(kcv, runner, saved):
         assert info["savedmodel_dir"] == str(folder)
         gen, breakdown = sm.generate_instrumented()
         assert gen.images.shape == first.images.shape and gen.images.dtype == np.uint8
-        np.testing.assert_allclose(gen.latents, ref.latents, rtol=1e-4, atol=1e-4)
+        # float32 reordering between the Keras graph and the loaded concrete functions: ~1e-5 of the scale
+        assert_close_to_scale(gen.latents, ref.latents, rel=1e-4, what="latents after the SavedModel round trip")
         assert np.abs(gen.images.astype(int) - first.images.astype(int)).max() <= 1
         assert breakdown.step_s == [] and breakdown.denoise_s > 0  # the loop is one graph
         np.testing.assert_array_equal(sm.generate().images, gen.images)
