@@ -336,3 +336,9 @@ def test_base_only_and_head_only_recipes_both_get_a_bar(tmp_path):
     texts = _svg_texts(svg)
     assert _xtick_labels(svg) == ["fp32-classic", "fp32-sdpa", "fp32-sdpa-compiledefault"]
     assert "2.00x" in texts and "1.00x" in texts  # head's bars over head's first bar
+
+
+def test_contract_describes_the_layout_relative_to_the_repo_root():
+    text = (Path(pub.__file__).resolve().parents[1] / "docs" / "CONTRACT.md").read_text()
+    assert not re.search(r"(?<![\w.])/(work|home|root|tmp|Users)/", text), "an absolute machine path in docs/CONTRACT.md"
+    assert "relative to the repository root" in text and "`.venv/`" in text
