@@ -314,21 +314,20 @@ def matches(published: Published, records: Iterable[tuple[str, dict, float]],
     out = []
     for test, rec, secs, key, cond in items:
         recipe = (rec.get("case") or {}).get("recipe")
-        fig = next((f for f in published.figures if f.framework == _framework(rec) and f.recipe == recipe
-                    and f.conditions == cond and hardware_matches(f.hardware_key, key)),
-                   None)
-        if fig is None:
-            continue
-        m = Match(test, fig, secs)
-        first = published.table_figure(fig.table, fig.speedup_over)
-        m.published_speedup = first.seconds / fig.seconds
-        ref = next((s for _t, r, s, k, c in items if k == key and c == cond and _framework(r) == fig.framework
-                    and (r.get("case") or {}).get("recipe") == fig.speedup_over), None)
-        if ref is not None:
-            m.measured_speedup = ref / secs
-        else:
-            m.note = f"{fig.speedup_over} not measured in this run: no measured speed-up"
-        out.append(m)
+        for fig in published.figures:  # two tables may publish the same case: one match each
+            if not (fig.framework == _framework(rec) and fig.recipe == recipe and fig.conditions == cond
+                    and hardware_matches(fig.hardware_key, key)):
+                continue
+            m = Match(test, fig, secs)
+            first = published.table_figure(fig.table, fig.speedup_over)
+            m.published_speedup = first.seconds / fig.seconds
+            ref = next((s for _t, r, s, k, c in items if k == key and c == cond and _framework(r) == fig.framework
+                        and (r.get("case") or {}).get("recipe") == fig.speedup_over), None)
+            if ref is not None:
+                m.measured_speedup = ref / secs
+            else:
+                m.note = f"{fig.speedup_over} not measured in this run: no measured speed-up"
+            out.append(m)
     return out
 
 
@@ -343,8 +342,7 @@ def none_applies(published: Published, records: Sequence[tuple[str, dict, float]
                 f"({where})")
     devices = sorted({str(rec.get("device")) for _t, rec, _s in records}) or ["none"]
     ran = ", ".join(hardware_text(k) for k in keys) or "device " + "/".join(devices)
-    return (f"{NONE_APPLIES} to this hardware ({ran}); figures are published for "
-            f"{', '.join(published.hardware_list())} ({published.path.name})")
+    return f"{NONE_APPLIES} to this hardware ({ran}); figures are published for {', '.join(published.hardware_list())}"
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -361,6 +359,10 @@ def _s(value: float) -> str:
     return f"{value:.3g} s" if value >= 1 else f"{value * 1000:.3g} ms"
 
 
+def _measured(label: str) -> str:
+    return "measured" if label == "measured" else f"measured ({label})"
+
+
 def cells(m: Match) -> list[str]:
     f = m.figure
     return [m.test, f"{f.source_file}: {f.table}", f.hardware, _s(f.seconds), _s(m.measured_s), f"{m.ratio:.2f}",
@@ -373,7 +375,7 @@ def text_lines(published: Published, found: Sequence[Match], records: Sequence[t
     title = f"published figures ({published.path.name}; {CONTEXT_NOTE}):"
     if not found:
         return [f"{title} {none_applies(published, records, machine_info)}"]
-    header = [label if h == "measured" else h for h in HEADER if h != "source"]
+    header = [_measured(label) if h == "measured" else h for h in HEADER if h != "source"]
     body = [[c for i, c in enumerate(cells(m)) if i != 1] for m in found]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
@@ -385,10 +387,10 @@ def text_lines(published: Published, found: Sequence[Match], records: Sequence[t
 def markdown_lines(published: Published, found: Sequence[Match], records: Sequence[tuple[str, dict, float]],
                    machine_info: dict | None = None, label: str = "measured") -> list[str]:
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-    out = ["", f"#### Published figures ({CONTEXT_NOTE})", ""]
+    out = ["", f"#### Published figures (`{published.path.name}`; {CONTEXT_NOTE})", ""]
     if not found:
         return out + [esc(none_applies(published, records, machine_info)) + "."]
-    header = [label if h == "measured" else h for h in HEADER]
+    header = [_measured(label) if h == "measured" else h for h in HEADER]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in found:
         c = cells(m)
@@ -406,7 +408,7 @@ def html_section(published: Published, found: Sequence[Match], records: Sequence
     head = f"<h2>Published figures</h2><p>{e(CONTEXT_NOTE.capitalize())} (<code>{e(published.path.name)}</code>).</p>"
     if not found:
         return head + f"<p class='published-none'>{e(none_applies(published, records, machine_info))}.</p>"
-    header = [label if h == "measured" else h for h in HEADER]
+    header = [_measured(label) if h == "measured" else h for h in HEADER]
     rows = "\n".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells(m)) + "</tr>" for m in found)
     notes = "".join(f"<li>{e(m.test)}: {e(m.note)}</li>" for m in found if m.note)
     return (head + "<table class='published'><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + f"</tr>\n{rows}</table>"

@@ -342,3 +342,24 @@ def test_contract_describes_the_layout_relative_to_the_repo_root():
     text = (Path(pub.__file__).resolve().parents[1] / "docs" / "CONTRACT.md").read_text()
     assert not re.search(r"(?<![\w.])/(work|home|root|tmp|Users)/", text), "an absolute machine path in docs/CONTRACT.md"
     assert "relative to the repository root" in text and "`.venv/`" in text
+
+
+def test_tf_tables_match_at_their_own_conditions(tmp_path):
+    """KerasCV guide at 25 steps, the SavedModel seed at 50 steps, both 3 images at 512x512 on an A100 40GB."""
+    hw = "cuda-1x-nvidia-a100-sxm4-40gb"
+    at25 = [_record("tf", t, "cuda", hw, s, preset="sd15", steps=25, batch_size=3)
+            for t, s in [("fp32", 10.0), ("mp16", 7.0), ("fp32-xla", 8.0), ("mp16-xla", 5.0), ("fp32-savedmodel", 9.0)]]
+    at50 = [_record("tf", t, "cuda", hw, s, preset="sd15", steps=50, batch_size=3)
+            for t, s in [("fp32-xla", 15.0), ("fp32-savedmodel-xla", 12.0), ("fp32-savedmodel", 16.0)]]
+    run = cmp.load_run(_saved_run(tmp_path / "0001_tf.json", at25 + at50, ["NVIDIA A100-SXM4-40GB"]))
+    found = pub.run_figures(pub.saved_run_records(run.data), run.machine_info).found
+    got = {(m.figure.table, m.figure.recipe, m.figure.conditions[3]) for m in found}
+    assert got == {("kerascv-guide-a100", t, 25) for t in ("fp32", "mp16", "fp32-xla", "mp16-xla")} | {
+        ("tf-savedmodel-a100", t, 50) for t in ("fp32-xla", "fp32-savedmodel-xla", "fp32-savedmodel")}
+    by = {(m.figure.table, m.figure.recipe): m for m in found}
+    assert by[("kerascv-guide-a100", "mp16-xla")].measured_speedup == pytest.approx(10.0 / 5.0)
+    assert by[("kerascv-guide-a100", "mp16-xla")].published_speedup == pytest.approx(8.52483057975769 / 4.5636537075042725)
+    assert by[("tf-savedmodel-a100", "fp32-savedmodel-xla")].measured_speedup == pytest.approx(16.0 / 12.0)
+    assert by[("tf-savedmodel-a100", "fp32-xla")].ratio == pytest.approx(15.0 / 12.40)
+    # The 80GB guide's figures do not apply to a 40GB A100.
+    assert not any(m.figure.table == "diffusers-guide-a100-sdxl" for m in found)
