@@ -413,8 +413,8 @@ def ladder_figures(base: SavedRun, head: SavedRun) -> list[str]:
         ax.set_xticks(x, labels, rotation=20, ha="right")
         ax.set_ylabel("median latency (s)")
         ax.set_title("optimization ladder: " + ", ".join(str(k) for k in key if k), fontsize=10)
-        ax.legend(fontsize=8, title=f"bar labels: {shown_label.split()[0]} median,\nspeed-up over {labels[first_at]}", title_fontsize=8, loc="upper left",
-                  bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a bar or its label
+        ax.legend(fontsize=8, title=f"bar labels: {shown_label.split()[0]} median,\nspeed-up over {labels[first_at]}",
+                  title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the bars
         ax.margins(y=0.25)
         with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays <text>: readable, searchable, testable
             figs.append(_svg(fig))
