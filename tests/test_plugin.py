@@ -82,8 +82,9 @@ def test_reported_median_matches_known_duration_and_syncs_before_clock(fake_suit
     data = json.loads((fake_suite.path / "out.json").read_text())
     for bench in data["benchmarks"]:
         median = bench["stats"]["median"]
-        # The device work is asynchronous: without a sync before the clock the median would be ~0.
-        assert 0.05 <= median < 0.05 * 1.05, median
+        # The device work is asynchronous: without a sync before the clock the median would be ~0. The upper
+        # bound only has to tell "one queued call" from two; a busy machine oversleeps the fake device's waits.
+        assert 0.05 <= median < 0.05 * 1.5, median
         info = bench["extra_info"]
         assert info["rounds"] == 7 == len(info["samples_s"])
         assert abs(info["median_s"] - median) < 1e-9
