@@ -389,3 +389,47 @@ def test_aot_record_reports_the_real_compile_and_the_seed_negative_prompt(flax_s
         assert not np.array_equal(images, plain), "guidance/negative prompt did not change the output"
     finally:
         prepared.close()
+
+
+SEED_CONFIG = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import jax
+    from diffperf.cases import Case, framework_spec, resolve_recipes
+    from pipelines import flax_sd
+
+    cond = framework_spec("jax").defaults["tpu"]
+    out = {}
+    for recipe in resolve_recipes("jax", [cond.recipes]):
+        case = Case("jax", recipe, "tiny", device="cpu", steps=%d, batch_size=cond.batch_size,
+                    guidance_scale=cond.guidance_scale, negative_prompt=cond.negative_prompt)
+        runner = flax_sd.build(case)
+        images = [runner.generate().images for _ in range(2)][-1]
+        gen, _ = runner.generate_instrumented()
+        out[recipe.tag()] = {"info": runner.compile_info(), "images": images.tolist(), "instrumented": gen.images.tolist()}
+        runner.close()
+    print("RESULT " + json.dumps(out, default=str))
+    """
+    % STEPS
+)
+
+
+def test_the_tpu_default_recipes_run_on_forced_host_devices(flax_sd):
+    """The TPU default (the seed's jit and AOT programs: bf16, split heads, every device, guidance 5 and a negative
+    prompt) on 2 forced host devices: every device renders, jit and AOT agree, the instrumented pieces match."""
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SEED_CONFIG], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    assert sorted(out) == ["bf16-aot-splithead-alldev", "bf16-jit-splithead-alldev"]
+    jit, aot = (np.array(out[k]["images"], np.uint8) for k in sorted(out, reverse=True))
+    for tag, r in out.items():
+        info = r["info"]
+        assert info["devices"] == 2 and info["split_head_dim"] and info["param_dtype"] == "bf16", tag
+        images = np.array(r["images"], np.uint8)
+        assert images.shape == (2, 64, 64, 3) and not np.array_equal(images[0], images[1])
+        assert _psnr(np.array(r["instrumented"], np.uint8)[0], images[0]) >= 30.0, tag
+    assert _psnr(jit, aot) >= 30.0
+    assert out["bf16-aot-splithead-alldev"]["info"]["ahead_of_time_compile_s"] > 0
