@@ -66,8 +66,11 @@ def nvidia_gpus() -> tuple[dict, ...]:
 
 @functools.lru_cache(maxsize=None)
 def tpu_type() -> str | None:
-    """The TPU accelerator type of a TPU VM (``v5litepod-8``...), from the environment or device files."""
-    for var in ("TPU_ACCELERATOR_TYPE", "ACCELERATOR_TYPE"):
+    """The TPU accelerator type of a TPU VM (``v5litepod-8``...), from the environment or device files.
+
+    ``DIFFPERF_FAKE_TPU=<type>`` pretends to be a TPU VM of that type (collection tests only).
+    """
+    for var in ("DIFFPERF_FAKE_TPU", "TPU_ACCELERATOR_TYPE", "ACCELERATOR_TYPE"):
         if os.environ.get(var):
             return os.environ[var]
     if os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"):
@@ -123,10 +126,29 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def tpu_chips() -> tuple[str, int] | None:
+    """``(device kind, count)`` of this VM's TPU chips as JAX sees them (``("TPU v5 lite", 8)``), or ``None``.
+
+    Imports JAX (and so initializes its TPU backend) only on a machine that has a TPU.
+    """
+    if tpu_type() is None:
+        return None
+    try:
+        import jax
+
+        devices = jax.devices("tpu")
+    except Exception:  # noqa: BLE001 - no TPU backend (jax[tpu] missing) or no jax at all
+        return None
+    if not devices:
+        return None
+    return str(devices[0].device_kind), len(devices)
+
+
 def hardware_id(device: str = "cpu") -> str:
     """A stable, readable identity of the hardware running ``device`` cases (a baseline file name).
 
-    GPU model and count for CUDA, TPU type for TPU, CPU model and usable cores for CPU.
+    GPU model and count for CUDA, TPU chip kind and count for TPU (the accelerator type when JAX cannot
+    tell), CPU model and usable cores for CPU.
     """
     if device == "cuda":
         gpus = nvidia_gpus()
@@ -134,7 +156,10 @@ def hardware_id(device: str = "cpu") -> str:
             return f"cuda-{len(gpus)}x-{_slug(gpus[0]['name'])}"
         return "cuda-unknown"
     if device == "tpu":
-        return f"tpu-{_slug(tpu_type() or 'unknown')}"
+        chips = tpu_chips()
+        if chips is not None:
+            return f"tpu-{chips[1]}x-{_slug(chips[0])}"
+        return f"tpu-{_slug(tpu_type() or 'unknown')}-unknown-chips"
     return f"cpu-{cpu_count()}c-{_slug(cpu_model())}"
 
 

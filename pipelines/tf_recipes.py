@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from diffperf.cases import FrameworkSpec, Recipe, RecipeError, register
+from diffperf.cases import Conditions, FrameworkSpec, Recipe, RecipeError, register
 
 PRECISIONS = {"fp32": "float32", "mp16": "mixed_float16", "mpbf16": "mixed_bfloat16"}
 _TOKENS_OF_PRECISION = {v: k for k, v in PRECISIONS.items()}
@@ -119,8 +119,15 @@ SPEC = register(
             "all": GUIDE_LADDER + SAVEDMODEL,
             "cpu": (R(), R(jit_compile=True)),
         },
-        # On CPU: the guide's baseline and its XLA step (mixed float16 has no fast CPU kernels).
-        default={"cpu": "cpu", "cuda": "ladder"},
+        defaults={
+            # The guide's baseline and its XLA step (mixed float16 has no fast CPU kernels).
+            "cpu": Conditions("tiny", "cpu", source="CPU smoke run"),
+            # The KerasCV guide's ladder and the TF seed's SavedModel / SavedModel+XLA rows, at the guide's conditions.
+            "cuda": Conditions("sd15", "all", steps=25, batch_size=3, resolution=(512, 512),
+                               source="kerascv-stable-diffusion-guide.md (A100-SXM4-40GB: 512x512, 3 images, 25 steps); "
+                                      "tf-savedmodel-xla-stable-diffusion.md (A100 a2-highgpu-1g: 512x512, 3 images)"),
+        },
         module="pipelines.kerascv_sd",
+        presets=("tiny", "sd15"),  # KerasCV has no Stable Diffusion XL
     )
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from diffperf.cases import FrameworkSpec, Recipe, RecipeError, register
+from diffperf.cases import Conditions, FrameworkSpec, Recipe, RecipeError, register
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTIONS = ("classic", "sdpa")
@@ -137,7 +137,11 @@ SPEC = register(
             "int8wo": (R(precision="bf16", attention="sdpa", channels_last=True, quant="int8wo"),),
             "fp8dq": (R(precision="bf16", attention="sdpa", channels_last=True, compile_mode="max-autotune", quant="fp8dq"),),
         },
-        default={"cpu": "cpu", "cuda": "ladder"},
+        defaults={
+            "cpu": Conditions("tiny", "cpu", source="CPU smoke run"),
+            "cuda": Conditions("sdxl", "ladder", steps=30, batch_size=1,
+                               source="diffusers-accelerate-inference-guide.md (A100-80GB: SDXL 1024x1024, 30 steps, batch 1)"),
+        },
         module="pipelines.torch_diffusers",
     )
 )

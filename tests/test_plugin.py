@@ -148,3 +148,32 @@ def test_saved_run_is_written_atomically_and_announced(fake_suite):
     saved = list((fake_suite.path / "store").rglob("0001_first.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["benchmarks"]
     assert not list((fake_suite.path / "store").rglob("*.tmp")), "a temp file was left behind"
+
+
+def test_a_reference_that_cannot_be_built_fails_only_the_fidelity_of_each_case_and_is_built_once(fake_suite):
+    """Any error of the fidelity phase (here the reference's build: an out-of-memory) is a clear failure of that
+    case's fidelity test; the latency tests still pass, and the reference is not rebuilt for every case."""
+    fake_suite.makepyfile(fake_builder_oom=r'''
+import atexit, json
+import fake_builder
+LOG = []
+def build(case):
+    LOG.append(case.id)
+    if case.recipe.tag() == "fp32-classic":
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 12.9 GiB")
+    return fake_builder.build(case)
+atexit.register(lambda: open("builds.json", "w").write(json.dumps(LOG)))
+''')
+    fake_suite.makeconftest(fake_suite.path.joinpath("conftest.py").read_text().replace('"fake_builder"', '"fake_builder_oom"'))
+    result = fake_suite.runpytest_subprocess("--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-sdpa,torch:bf16-sdpa",
+                                             "-p", "no:randomly", "-m", "cpu", "--perf-rounds", "2",
+                                             "--perf-warmup-rounds", "0", "--benchmark-json", "out.json", "-rf")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(["E*FidelityError: fidelity reference torch-cpu-tiny-fp32-classic-bs1-4steps failed: "
+                                 "RuntimeError: RESOURCE_EXHAUSTED*"])
+    assert not [ln for ln in result.stdout.lines if ln.startswith("FAILED") and "test_latency" in ln]
+    builds = json.loads((fake_suite.path / "builds.json").read_text())
+    assert builds.count("tiny-fp32-classic-bs1-4steps") == 1, builds
+    for bench in json.loads((fake_suite.path / "out.json").read_text())["benchmarks"]:
+        fid = bench["extra_info"]["fidelity"]
+        assert fid["ok"] is False and "RESOURCE_EXHAUSTED" in fid["error"] and fid["reference"] == "fp32-classic"
