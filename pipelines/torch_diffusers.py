@@ -355,11 +355,11 @@ def build(case: Case) -> TorchRunner:
             pipe = random_pipeline(preset, case.seed, device.type)
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    import torch._dynamo.utils
     import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
 
     state: dict = {"inductor_config": inductor_config.get_config_copy()}
-    torch._dynamo.utils.counters.clear()  # graph and graph-break counts are per case
+    counters.clear()  # graph and graph-break counts are per case
     try:
         for step in STEPS:
             step(pipe, recipe, state)
