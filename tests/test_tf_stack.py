@@ -333,7 +333,8 @@ def test_mixed_precision_after_another_cases_models(kcv, monkeypatch):
     monkeypatch.setattr(kcv, "_SHARED", {})  # whatever the module's other tests keep, this one starts clean
     fp32 = kcv.build(_case("fp32"))
     try:
-        assert fp32.compile_info()["compute_dtype"] == "float32"
+        assert _layer_compute_dtypes(fp32.diffusion_model) == {"float32"}
+        fp32_info = fp32.compile_info()
     finally:
         fp32.close()
     assert kcv._SHARED and not kcv._SHARED["in_use"]  # kept under fp32's key: the mp16 build releases them
@@ -342,6 +343,7 @@ def test_mixed_precision_after_another_cases_models(kcv, monkeypatch):
         assert _layer_compute_dtypes(mp16.diffusion_model) == {"float16"}
         assert _layer_compute_dtypes(mp16.text_encoder) == {"float16"}
         info = mp16.compile_info()
+        assert fp32_info["compute_dtype"] == "float32"
         assert info["compute_dtype"] == "float16" and info["keras_policy"] == "mixed_float16"
         assert info["compute_dtypes"] == dict.fromkeys(("text_encoder", "diffusion_model", "decoder"), "float16")
     finally:
