@@ -190,7 +190,8 @@ def test_savedmodel_round_trip(kcv, runner, saved):
         assert info["savedmodel_dir"] == str(folder)
         gen, breakdown = sm.generate_instrumented()
         assert gen.images.shape == first.images.shape and gen.images.dtype == np.uint8
-        np.testing.assert_allclose(gen.latents, ref.latents, rtol=1e-4, atol=1e-4)
+        # relative to the latents' scale (~45 on tiny): another graph, another float reduction order
+        np.testing.assert_allclose(gen.latents, ref.latents, rtol=0, atol=1e-4 * float(np.abs(ref.latents).max()))
         assert np.abs(gen.images.astype(int) - first.images.astype(int)).max() <= 1
         assert breakdown.step_s == [] and breakdown.denoise_s > 0  # the loop is one graph
         np.testing.assert_array_equal(sm.generate().images, gen.images)
