@@ -10,9 +10,10 @@ fidelity thresholds it must meet against the float32 reference.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import ClassVar, Iterable, Mapping, Sequence
 
-from diffperf.presets import get_preset
+from diffperf.presets import Preset, get_preset
 
 FRAMEWORKS = ("torch", "tf", "jax")
 DEVICES = ("cpu", "cuda", "tpu")
@@ -20,6 +21,20 @@ DEVICES = ("cpu", "cuda", "tpu")
 
 class RecipeError(ValueError):
     """A recipe tag or combination that is invalid on every machine (not merely unsupported here)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectedError:
+    """The error a known upstream failure raises, as data: the exception class's full dotted name and a
+    regex its message must contain. Matched against the raised error's class hierarchy by name, so
+    declaring it imports no framework; any other error is a real failure, not the known one."""
+
+    type_name: str  # e.g. "tensorflow.python.framework.errors_impl.InvalidArgumentError"
+    match: str = ""
+
+    def matches(self, exc: BaseException) -> bool:
+        names = {f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__}
+        return self.type_name in names and re.search(self.match, str(exc)) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +64,13 @@ class Recipe:
     def known_failure(self, device: str) -> str | None:
         """A known upstream limitation (turned into a strict xfail), or ``None``."""
         return None
+
+    def known_failure_raises(self, device: str) -> "ExpectedError | None":
+        """The error :meth:`known_failure` raises (the xfail's ``raises=``); required when it is not ``None``."""
+        return None
+
+    def check_preset(self, preset: Preset) -> None:
+        """Raise :class:`RecipeError` when this recipe cannot run ``preset`` on any machine."""
 
     def fidelity_thresholds(self) -> tuple[float, float]:
         """``(min_psnr_db, min_latent_cosine)`` this recipe must reach against the fp32 reference."""
@@ -93,6 +115,7 @@ class Case:
         if self.recipe.framework != self.framework:
             raise RecipeError(f"recipe {self.recipe.tag()!r} belongs to {self.recipe.framework}, not {self.framework}")
         preset = get_preset(self.preset)
+        self.recipe.check_preset(preset)
         if self.height is None:
             object.__setattr__(self, "height", preset.height)
         if self.width is None:

@@ -65,6 +65,59 @@ def nvidia_gpus() -> tuple[dict, ...]:
 
 
 @functools.lru_cache(maxsize=None)
+def _nvidia_smi_capabilities() -> tuple[tuple[int, int], ...]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return ()
+    try:
+        out = subprocess.run([exe, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    caps = []
+    for line in out.strip().splitlines():
+        major, _, minor = line.strip().partition(".")
+        if major.isdigit() and minor.isdigit():
+            caps.append((int(major), int(minor)))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        idx = [int(i) for i in visible.split(",") if i.strip().isdigit()]
+        caps = [c for i, c in enumerate(caps) if i in idx]
+    return tuple(caps)
+
+
+def cuda_compute_capability() -> tuple[int, int] | None:
+    """The lowest compute capability of the visible GPUs (``(8, 0)`` on an A100), or ``None`` when unknown.
+
+    ``DIFFPERF_FAKE_CUDA_CAPABILITY=8.0`` fakes it (tests, or a machine whose nvidia-smi lacks the query).
+    """
+    fake = os.environ.get("DIFFPERF_FAKE_CUDA_CAPABILITY")
+    if fake:
+        major, _, minor = fake.strip().partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            raise ValueError(f"DIFFPERF_FAKE_CUDA_CAPABILITY={fake!r}: expected MAJOR.MINOR, e.g. 8.9")
+        return int(major), int(minor)
+    caps = _nvidia_smi_capabilities()
+    return min(caps) if caps else None
+
+
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_skip_reason(capability: tuple[int, int] | None = None) -> str | None:
+    """Why float8 kernels cannot run on this GPU (``capability``, else :func:`cuda_compute_capability`), or ``None``.
+
+    ``None`` too when the capability is unknown; the torch builder asks again with torch's own reading.
+    """
+    cap = capability if capability is not None else cuda_compute_capability()
+    if cap is None or tuple(cap) >= FP8_MIN_CAPABILITY:
+        return None
+    need = ".".join(map(str, FP8_MIN_CAPABILITY))
+    return (f"float8 dynamic quantization needs a GPU with compute capability >= {need} (Ada/Hopper); "
+            f"this one is {cap[0]}.{cap[1]} (torchao asserts CUDA>=8.9)")
+
+
+@functools.lru_cache(maxsize=None)
 def tpu_type() -> str | None:
     """The TPU accelerator type of a TPU VM (``v5litepod-8``...), from the environment or device files.
 

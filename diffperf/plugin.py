@@ -398,7 +398,11 @@ def build_cases(config: pytest.Config) -> list:
                         marks.append(pytest.mark.skip(reason=reason))
                     known = recipe.known_failure(device)
                     if known:
-                        marks.append(pytest.mark.xfail(reason=known, strict=True))
+                        expected = recipe.known_failure_raises(device)
+                        if expected is None:
+                            raise RecipeError(f"{framework} recipe {recipe.tag()!r}: known_failure without known_failure_raises")
+                        marks.append(pytest.mark.xfail(reason=known, strict=True,
+                                                       raises=pytest.RaisesExc(check=expected.matches)))
                     params.append(pytest.param(case, marks=marks, id=f"{framework}-{device}-{case.id}"))
     return params
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from diffperf.cases import Conditions, FrameworkSpec, Recipe, RecipeError, register
+from diffperf.cases import Conditions, ExpectedError, FrameworkSpec, Recipe, RecipeError, register
 
 PRECISIONS = {"fp32": "float32", "mp16": "mixed_float16", "mpbf16": "mixed_bfloat16"}
 _TOKENS_OF_PRECISION = {v: k for k, v in PRECISIONS.items()}
@@ -22,6 +22,12 @@ TF_ISSUE_59818 = (
     "tensorflow/tensorflow#59818: the KerasCV text encoder exported as a SavedModel (prompt and "
     "unconditional context, dynamic batch) cannot be XLA-compiled ('XLA inference fails complaining "
     "about branch shape mismatches'); the upstream SavedModel+XLA benchmark keeps it out of XLA"
+)
+
+# What tensorflow#59818 raises when the text encoder function is called (tf2xla's cond-branch check,
+# on CPU and GPU alike); any other error (an OOM, a missing op) is a real failure.
+TF_ISSUE_59818_RAISES = ExpectedError(
+    "tensorflow.python.framework.errors_impl.InvalidArgumentError", r"branch_shape"
 )
 
 
@@ -85,6 +91,11 @@ class KerasRecipe(Recipe):
     def known_failure(self, device: str) -> str | None:
         if self.xla_text_encoder:
             return TF_ISSUE_59818
+        return None
+
+    def known_failure_raises(self, device: str) -> ExpectedError | None:
+        if self.xla_text_encoder:
+            return TF_ISSUE_59818_RAISES
         return None
 
     def fidelity_thresholds(self) -> tuple[float, float]:

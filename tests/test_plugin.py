@@ -177,3 +177,62 @@ atexit.register(lambda: open("builds.json", "w").write(json.dumps(LOG)))
     for bench in json.loads((fake_suite.path / "out.json").read_text())["benchmarks"]:
         fid = bench["extra_info"]["fidelity"]
         assert fid["ok"] is False and "RESOURCE_EXHAUSTED" in fid["error"] and fid["reference"] == "fp32-classic"
+
+
+_KNOWN_FAILURE_CONFTEST = r'''
+from diffperf.cases import ExpectedError
+from pipelines.torch_recipes import TorchRecipe
+
+TorchRecipe.known_failure = lambda self, device: "upstream#1: sdpa breaks" if self.attention == "sdpa" else None
+TorchRecipe.known_failure_raises = lambda self, device: (
+    ExpectedError("fake_known.UpstreamError", r"branch shape") if self.attention == "sdpa" else None)
+'''
+
+_KNOWN_FAILURE_BUILDER = r'''
+import os
+import fake_builder
+
+class UpstreamError(Exception):
+    pass
+
+class OutOfMemory(Exception):
+    pass
+
+def build(case):
+    if case.recipe.attention == "sdpa":
+        kind = os.environ["FAKE_FAILURE"]
+        if kind == "upstream":
+            raise UpstreamError("branch shape mismatch (3 vs 2)")
+        if kind == "oom":
+            raise OutOfMemory("out of memory while building: branch shape")  # right message, wrong type
+        if kind == "other-message":
+            raise UpstreamError("ran out of device memory")  # right type, wrong message
+    return fake_builder.build(case)
+'''
+
+
+@pytest.mark.parametrize("kind, outcomes", [
+    ("upstream", {"passed": 2, "xfailed": 2}),
+    ("oom", {"passed": 2, "errors": 2}),
+    ("other-message", {"passed": 2, "errors": 2}),
+    ("none", {"passed": 2, "failed": 2}),  # strict: it works now, and the suite says so
+])
+def test_known_failure_xfails_only_on_the_declared_error(fake_suite, monkeypatch, kind, outcomes):
+    fake_suite.makepyfile(fake_known=_KNOWN_FAILURE_BUILDER)
+    conftest = fake_suite.path.joinpath("conftest.py").read_text().replace('"fake_builder"', '"fake_known"')
+    fake_suite.makeconftest(conftest + _KNOWN_FAILURE_CONFTEST)
+    monkeypatch.setenv("FAKE_FAILURE", kind)
+    result = fake_suite.runpytest_subprocess(*BASE, "-m", "cpu", "--perf-rounds", "2", "--perf-warmup-rounds", "0",
+                                             "-rxX")
+    result.assert_outcomes(**outcomes)
+    if kind == "upstream":
+        result.stdout.fnmatch_lines(["*XFAIL*fp32-sdpa*upstream#1: sdpa breaks*"])
+
+
+def test_known_failure_without_raises_is_refused(fake_suite):
+    fake_suite.makeconftest(fake_suite.path.joinpath("conftest.py").read_text() + (
+        "\nfrom pipelines.torch_recipes import TorchRecipe\n"
+        "TorchRecipe.known_failure = lambda self, device: 'upstream#1' if self.attention == 'sdpa' else None\n"))
+    result = fake_suite.runpytest_subprocess(*BASE, "-m", "cpu", "--collect-only")
+    assert result.ret != 0
+    result.stdout.re_match_lines([r".*recipe 'fp32-sdpa': known_failure without known_failure_raises.*"])
