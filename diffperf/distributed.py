@@ -41,7 +41,8 @@ def role(config: pytest.Config) -> str | None:
     """``"worker"`` in an xdist worker, ``"controller"`` in the process that drives workers, else ``None``."""
     if getattr(config, "workerinput", None) is not None:
         return "worker"
-    if config.pluginmanager.hasplugin("dsession"):
+    # xdist's own test for starting workers (its DSession may be registered after diffperf's pytest_configure).
+    if config.getoption("dist", "no") != "no" and config.getoption("tx", None) and not config.getoption("collectonly"):
         return "controller"
     return None
 
@@ -229,6 +230,11 @@ class Worker:
     def __init__(self, config: pytest.Config):
         self.config = config
 
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        bs = getattr(self.config, "_benchmarksession", None)
+        if bs is not None:  # the controller saves the merged run; a worker never writes one of its own
+            bs.save = bs.autosave = bs.json = None
+
     @staticmethod
     def _plain_benchmarks(items: list) -> list:
         return [it for it in items if "benchmark" in getattr(it, "fixturenames", ()) and "perf_case" not in it.fixturenames]
@@ -279,9 +285,14 @@ def attach_samples(config: pytest.Config, benchmark, samples: list[float]) -> No
     """In a worker, give the (disabled) benchmark fixture the harness's samples, as pedantic would have.
 
     The journal then records them in pytest-benchmark's saved-run format for the controller's merge.
+
+    Note: this goes through two private members of pytest-benchmark's fixture: ``_make_stats`` builds the
+    same ``Metadata`` (with the fixture's options) that ``pedantic`` fills, and ``_mode`` marks the fixture
+    used, as ``pedantic`` does, so it does not warn that it "was not used at all".
     """
     if role(config) != "worker" or benchmark is None or getattr(benchmark, "stats", None) is not None:
         return
-    stats = benchmark._make_stats(1)  # the Metadata pedantic() would have made, with the fixture's options
+    stats = benchmark._make_stats(1)
     for seconds in samples:
         stats.update(seconds)
+    benchmark._mode = "diffperf harness (pytest-xdist worker)"

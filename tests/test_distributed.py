@@ -1,0 +1,104 @@
+"""``pytest perf -n ...`` (pytest-xdist) on the fake builder: one worker per (fake) GPU, every case timed once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffperf import distributed, results
+
+pytest.importorskip("xdist", reason="pytest-xdist is not installed: pip install -e '.[dev]'")
+
+ARGS = ["--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-classic,torch:fp32-sdpa", "--perf-preset", "tiny",
+        "--perf-rounds", "3", "--perf-warmup-rounds", "0", "-p", "no:randomly"]
+LATENCY = ["test_latency[torch-cuda-tiny-fp32-classic-bs1-4steps]", "test_latency[torch-cuda-tiny-fp32-sdpa-bs1-4steps]"]
+
+
+def test_two_fake_gpus_two_workers_each_pinned_every_case_timed_and_merged_once(fake_suite, monkeypatch):
+    monkeypatch.setenv("DIFFPERF_FAKE_GPUS", "2")
+    result = fake_suite.runpytest_subprocess(
+        "-n", "auto", "-m", "cuda", *ARGS, "--perf-dist-group", "case", "--perf-journal", "journal.jsonl",
+        "--benchmark-save", "nightly", "--benchmark-storage", "bench", "--benchmark-json", "run.json",
+    )
+    out = result.stdout.str()
+    assert result.ret == 0, out + result.stderr.str()
+    result.stdout.fnmatch_lines(["created: 2/2 workers", "*diffperf results*", "*4 passed*"])
+    assert "Benchmarks are automatically disabled" not in out + result.stderr.str()
+    for case in ("torch-cuda-tiny-fp32-classic-bs1-4steps", "torch-cuda-tiny-fp32-sdpa-bs1-4steps"):
+        assert any(line.startswith(case) for line in out.splitlines()), f"{case} missing from the results table"
+
+    # Each worker saw its own GPU: gwN ran with CUDA_VISIBLE_DEVICES=N, from its run line to each of its cases.
+    seen = {}
+    for worker in ("gw0", "gw1"):
+        entries = results.read_journal(fake_suite.path / f"journal-{worker}.jsonl")
+        runs = [e for e in entries if e.get("event") == "run"]
+        cases = [e for e in entries if e.get("event") == "case"]
+        assert runs and {r["cuda_visible_devices"] for r in runs} == {worker[2:]}
+        assert cases and {c["cuda_visible_devices"] for c in cases} == {worker[2:]}
+        assert runs[0]["machine_info"]["gpu"]["count"] == 1  # the worker sees only its own GPU
+        seen[worker] = {c["nodeid"].split("::")[1] for c in cases}
+    assert not seen["gw0"] & seen["gw1"], "a case ran on both workers"
+
+    # Every case timed (the harness's samples in pytest-benchmark's format) and in the merged run once.
+    run = json.loads((fake_suite.path / "run.json").read_text())
+    assert sorted(b["name"] for b in run["benchmarks"]) == LATENCY
+    duration = 0.02  # FAKE_DURATION's default: a round that did not wait for the fake device would read ~0 s
+    for bench in run["benchmarks"]:
+        info = bench["extra_info"]
+        assert bench["stats"]["rounds"] == 3 and bench["stats"]["data"] == info["samples_s"]
+        assert bench["fullname"].endswith(bench["name"]) and "@" not in bench["fullname"]
+        assert min(info["samples_s"]) >= duration and info["median_s"] >= duration
+    assert {w["cuda_visible_devices"] for w in run["machine_info"]["diffperf_workers"]} == {"0", "1"}
+    assert run["diffperf_failures"] == []
+    saved = list((fake_suite.path / "bench").glob("*/0001_nightly.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["benchmarks"] == run["benchmarks"]
+
+
+def test_framework_group_keeps_a_stack_on_one_worker(fake_suite, monkeypatch):
+    monkeypatch.setenv("DIFFPERF_FAKE_GPUS", "2")
+    result = fake_suite.runpytest_subprocess("-n", "2", "-m", "cuda", *ARGS, "--perf-journal", "journal.jsonl",
+                                             "--perf-no-fidelity")
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
+    ran = {w: [e for e in results.read_journal(fake_suite.path / f"journal-{w}.jsonl") if e.get("event") == "case"]
+           for w in ("gw0", "gw1")}
+    assert sorted(len(cases) for cases in ran.values()) == [0, 4]  # 2 cases x (latency, fidelity), one worker
+
+
+@pytest.mark.parametrize("gpus, args, message", [
+    (None, ["-n", "2", "-m", "cpu"], "*CPU cases selected with 2 workers: they would share the CPU cores*"),
+    ("1", ["-n", "2", "-m", "cuda"], "*2 workers for 1 visible GPU(s): workers would share a GPU*"),
+    ("2", ["-n", "2", "-m", "cuda", "--dist", "each"], "*--dist each would run every case on each of the 2 workers*"),
+])
+def test_shared_devices_are_refused_at_start(fake_suite, monkeypatch, gpus, args, message):
+    if gpus:
+        monkeypatch.setenv("DIFFPERF_FAKE_GPUS", gpus)
+    result = fake_suite.runpytest_subprocess(*args, *ARGS, "--perf-journal", "journal.jsonl")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines([message + "-n 0*python -m diffperf launch*"])
+    result.stdout.fnmatch_lines(["*no tests ran*"])
+    assert not list(fake_suite.path.glob("journal-gw*.jsonl")), "a worker ran a test before the refusal"
+
+
+def test_refusal_rules():
+    assert distributed.refusal({}, 8, 0, "load") is None
+    assert distributed.refusal({"cpu": False, "cuda": True}, 2, 2, "load") is None  # CPU cases all skipped
+    assert distributed.refusal({"cpu": True}, 1, 0, "load") is None  # one worker shares nothing
+    assert "TPU cases" in distributed.refusal({"tpu": True}, 2, 0, "load")
+    assert "3 workers for 2 visible GPU" in distributed.refusal({"cuda": True}, 3, 2, "loadgroup")
+
+
+def test_fake_gpus_follow_cuda_visible_devices(monkeypatch):
+    from diffperf import hardware
+
+    monkeypatch.setenv("DIFFPERF_FAKE_GPUS", "4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    hardware.nvidia_gpus.cache_clear()
+    try:
+        assert len(hardware.nvidia_gpus()) == 2 and distributed.visible_gpus() == ["1", "3"]
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        hardware.nvidia_gpus.cache_clear()
+        assert distributed.visible_gpus() == ["0", "1", "2", "3"]
+        assert distributed.auto_num_workers(None) == 4
+    finally:
+        hardware.nvidia_gpus.cache_clear()
