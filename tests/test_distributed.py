@@ -102,3 +102,23 @@ def test_fake_gpus_follow_cuda_visible_devices(monkeypatch):
         assert distributed.auto_num_workers(None) == 4
     finally:
         hardware.nvidia_gpus.cache_clear()
+
+
+def test_one_worker_measures_cpu_cases_and_skips_plain_benchmarks(fake_suite):
+    """-n 1 shares nothing: CPU cases are timed as in one process; a test timed by pytest-benchmark is skipped."""
+    (fake_suite.path / "test_plain.py").write_text(
+        "def test_plain_benchmark(benchmark):\n    benchmark(sum, range(10))\n"
+    )
+    args = ["-n", "1", "-m", "cpu or not (cuda or tpu)", *ARGS, "--perf-no-fidelity", "--perf-journal", "journal.jsonl",
+            "--benchmark-json", "run.json", "-rs"]
+    result = fake_suite.runpytest_subprocess(*args)
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_plain.py: pytest-benchmark is off under pytest-xdist*-n 0",
+                                 "*2 passed, 3 skipped*"])
+    run = json.loads((fake_suite.path / "run.json").read_text())
+    assert sorted(b["name"] for b in run["benchmarks"]) == [n.replace("cuda", "cpu") for n in LATENCY]
+    assert all(b["stats"]["rounds"] == 3 for b in run["benchmarks"])
+    # The worker journals of that run stay; a second run naming the same journal is refused, not mixed in.
+    again = fake_suite.runpytest_subprocess(*args)
+    assert again.ret == pytest.ExitCode.USAGE_ERROR
+    again.stderr.fnmatch_lines(["*--perf-journal journal.jsonl: worker journals of an earlier run are there*"])
