@@ -194,15 +194,22 @@ class Controller:
         perf = getattr(self.config, "_diffperf_session", None)
         if perf is not None:
             perf.records = [(b["fullname"], b["extra_info"]) for b in run["benchmarks"]]
-        self.saved = save(self.config, run)
+        self.summary = save(self.config, run)
+        self.summary.append(f"diffperf journals (one per xdist worker): {', '.join(str(j) for j in journals)}")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        for line in getattr(self, "summary", ()):
+            terminalreporter.write_line(line)
 
 
 def save(config: pytest.Config, run: dict) -> list[str]:
-    """Write the merged ``run`` where ``--benchmark-json``/``--benchmark-save``/``--benchmark-autosave`` say."""
-    from diffperf import progress
+    """Write the merged ``run`` where ``--benchmark-json``/``--benchmark-save``/``--benchmark-autosave`` say.
 
+    Returns the lines that tell where it went.
+    """
     bs = getattr(config, "_benchmarksession", None)
-    lines = []
+    lines: list[str] = []
     if bs is None or not run["benchmarks"]:
         return lines
     if bs.json:
@@ -214,8 +221,6 @@ def save(config: pytest.Config, run: dict) -> list[str]:
             lines.append(f"merged run NOT saved: diffperf saves the workers' run to file storage only, not {bs.storage}")
         else:
             lines.append(f"merged run saved as {results.save_run(run, storage, name, machine=bs.machine_id)}")
-    for line in lines:
-        progress.say(line)
     return lines
 
 

@@ -23,7 +23,9 @@ def test_two_fake_gpus_two_workers_each_pinned_every_case_timed_and_merged_once(
     )
     out = result.stdout.str()
     assert result.ret == 0, out + result.stderr.str()
-    result.stdout.fnmatch_lines(["created: 2/2 workers", "*diffperf results*", "*4 passed*"])
+    result.stdout.fnmatch_lines(["created: 2/2 workers", "*diffperf results*", "merged run written to run.json",
+                                 "merged run saved as *0001_nightly.json", "diffperf journals (one per xdist worker): *",
+                                 "*4 passed*"])
     assert "Benchmarks are automatically disabled" not in out + result.stderr.str()
     for case in ("torch-cuda-tiny-fp32-classic-bs1-4steps", "torch-cuda-tiny-fp32-sdpa-bs1-4steps"):
         assert any(line.startswith(case) for line in out.splitlines()), f"{case} missing from the results table"
