@@ -53,7 +53,10 @@ def visible_gpus() -> list[str]:
 
 
 def auto_num_workers(config: pytest.Config) -> int | None:
-    """``-n auto``: one worker per visible GPU; without one, xdist's own default (then refused for CPU cases)."""
+    """``-n auto``: one worker per visible GPU; without one (or with ``PYTEST_XDIST_AUTO_NUM_WORKERS`` set),
+    xdist's own default (then refused for CPU cases)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     return len(visible_gpus()) or None
 
 
@@ -103,6 +106,25 @@ def _scheduler_class():
         def _split_scope(self, nodeid: str) -> str:
             return self._key(nodeid) or super()._split_scope(nodeid)
 
+        def remove_node(self, node):
+            """xdist's ``remove_node``, except that the test a crashed worker was running is not run again.
+
+            Note: xdist puts the crashed test back with the rest of its group, so a case that kills its
+            worker (out of memory, a compiler crash) would kill every replacement until the restarts run
+            out and its group's other cases would never run; here it is recorded as crashed once
+            (``pytest_handlecrashitem``) and the rest of the group goes on in the new worker.
+            """
+            workload = self.assigned_work.pop(node)
+            pending = [(scope, n) for scope, unit in workload.items() for n, done in unit.items() if not done]
+            if not pending:
+                return None
+            scope, crashitem = pending[0]
+            workload[scope][crashitem] = True
+            self.workqueue.update({s: unit for s, unit in workload.items() if not all(unit.values())})
+            for other in self.assigned_work:
+                self._reschedule(other)
+            return crashitem
+
     return CaseScheduling
 
 
@@ -114,6 +136,8 @@ class Controller:
         self.gpus = visible_gpus()
         self.group = config.getoption("perf_dist_group")
         self.order: list[str] = []
+        self.held: dict[str, str] = {}  # live worker id -> its GPU
+        self.assigned: dict[str, str] = {}  # every worker id of the run -> its GPU
         self.checked = False
         opt = config.getoption("perf_journal", None)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -129,13 +153,32 @@ class Controller:
 
     # -- workers -----------------------------------------------------------------------------------
 
+    def journal(self, worker_id: str) -> Path:
+        return Path(self.journal_template.replace("{worker}", worker_id))
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node) -> None:
+        # gwN gets the N-th GPU; a worker started in place of a crashed one (a new id) gets the GPU it freed.
         index = worker_index(node.gateway.id)
-        node.workerinput["diffperf"] = {
-            "cuda_visible_devices": self.gpus[index] if index < len(self.gpus) else None,
-            "journal": self.journal_template.format(worker=node.gateway.id),
-        }
+        free = [g for g in self.gpus if g not in self.held.values()]
+        device = self.gpus[index] if index < len(self.gpus) and self.gpus[index] in free else (free or [None])[0]
+        if device is not None:
+            self.held[node.gateway.id] = self.assigned[node.gateway.id] = device
+        node.workerinput["diffperf"] = {"cuda_visible_devices": device, "journal": str(self.journal(node.gateway.id))}
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:
+        self.held.pop(node.gateway.id, None)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str, report, sched) -> None:
+        """Record the test a dead worker was running in its journal, as the launcher does."""
+        node = getattr(report, "node", None)
+        if node is not None:
+            results.append_entry(self.journal(node.gateway.id), {
+                "event": "case", "nodeid": crashitem, "outcome": "crashed", "when": "call",
+                "reason": str(report.longrepr), "cuda_visible_devices": self.assigned.get(node.gateway.id),
+            })
 
     @pytest.hookimpl(tryfirst=True, optionalhook=True)
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log):
@@ -182,7 +225,7 @@ class Controller:
     # -- the merged run ----------------------------------------------------------------------------
 
     def journals(self) -> list[Path]:
-        pattern = Path(self.journal_template.format(worker="gw*"))
+        pattern = self.journal("gw*")
         return sorted(pattern.parent.glob(pattern.name)) if pattern.parent.is_dir() else []
 
     @pytest.hookimpl(trylast=True)

@@ -302,7 +302,7 @@ def pytest_configure(config: pytest.Config) -> None:
     results.configure(config, _cache_dir(config))
 
 
-@pytest.hookimpl(optionalhook=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto``: one xdist worker per visible GPU (diffperf/distributed.py)."""
     return distributed.auto_num_workers(config)

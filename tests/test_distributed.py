@@ -124,3 +124,26 @@ def test_one_worker_measures_cpu_cases_and_skips_plain_benchmarks(fake_suite):
     again = fake_suite.runpytest_subprocess(*args)
     assert again.ret == pytest.ExitCode.USAGE_ERROR
     again.stderr.fnmatch_lines(["*--perf-journal journal.jsonl: worker journals of an earlier run are there*"])
+
+
+def test_a_worker_replacing_a_crashed_one_gets_its_gpu_and_the_crash_is_recorded(fake_suite, monkeypatch):
+    """One fake GPU, one worker: the case that dies (like an OOM kill) is recorded; the rest run on the same GPU."""
+    from tests.test_launcher import FAULTS
+
+    builder = fake_suite.path / "fake_builder.py"
+    builder.write_text(builder.read_text() + FAULTS)
+    monkeypatch.setenv("DIFFPERF_FAKE_GPUS", "1")
+    monkeypatch.setenv("FAKE_DIE_ON", "fp32-sdpa")
+    args = [a if a != "torch:fp32-classic,torch:fp32-sdpa" else "torch:fp32-classic,torch:fp32-sdpa,torch:bf16-sdpa"
+            for a in ARGS]
+    result = fake_suite.runpytest_subprocess("-n", "auto", "-m", "cuda", "-k", "test_latency", *args,
+                                             "--perf-journal", "journal.jsonl", "--benchmark-json", "run.json")
+    assert result.ret == 1, result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(["*replacing crashed worker gw0*", "*1 failed, 2 passed*"])
+    run = json.loads((fake_suite.path / "run.json").read_text())
+    assert sorted(b["name"] for b in run["benchmarks"]) == ["test_latency[torch-cuda-tiny-bf16-sdpa-bs1-4steps]",
+                                                           "test_latency[torch-cuda-tiny-fp32-classic-bs1-4steps]"]
+    [crash] = run["diffperf_failures"]
+    assert crash["outcome"] == "crashed" and crash["nodeid"].endswith("test_latency[torch-cuda-tiny-fp32-sdpa-bs1-4steps]")
+    replacement = [e for e in results.read_journal(fake_suite.path / "journal-gw1.jsonl") if e.get("event") == "run"]
+    assert replacement and replacement[0]["cuda_visible_devices"] == "0"  # not unpinned, not a GPU it does not own
