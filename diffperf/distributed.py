@@ -79,8 +79,9 @@ def refusal(devices: dict[str, bool], workers: int, gpus: int, dist: str) -> str
                 f"{'CPU cores' if shared == ['cpu'] else 'device'} and distort each other's timings. "
                 f"Select CUDA cases only (-m cuda, one worker per GPU), or {ALTERNATIVES}.")
     if "cuda" in running and workers > gpus:
+        fix = f"Use -n auto (one worker per GPU) or at most -n {gpus}" if gpus else "nvidia-smi lists no GPU to pin them to"
         return (head + f"{workers} workers for {gpus} visible GPU(s): workers would share a GPU and distort each "
-                f"other's timings. Use -n auto (one worker per GPU) or -n {gpus or 0}, or {ALTERNATIVES}.")
+                f"other's timings. {fix}; or {ALTERNATIVES}.")
     return None
 
 
@@ -253,7 +254,11 @@ def save(config: pytest.Config, run: dict) -> list[str]:
     """
     bs = getattr(config, "_benchmarksession", None)
     lines: list[str] = []
-    if bs is None or not run["benchmarks"]:
+    if bs is None:
+        return lines
+    if not run["benchmarks"]:
+        if bs.json or bs.save or bs.autosave:
+            lines.append("diffperf: no benchmark finished on the workers; nothing saved")
         return lines
     if bs.json:
         lines.append(f"merged run written to {results.write_json(run, bs.json)}")
@@ -324,8 +329,6 @@ def configure(config: pytest.Config, cache_dir: Path) -> None:
     if which == "worker":
         pin_worker(config)
     elif which == "controller":
-        if config.getvalue("dist") == "load":  # what -n sets by default: schedule by case, see scope()
-            config.option.dist = "loadgroup"
         config.pluginmanager.register(Controller(config, cache_dir), "diffperf-xdist-controller")
 
 
