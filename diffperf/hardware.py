@@ -42,17 +42,26 @@ def software_versions() -> dict[str, str | None]:
 
 @functools.lru_cache(maxsize=None)
 def nvidia_gpus() -> tuple[dict, ...]:
-    """GPUs reported by ``nvidia-smi`` (name, memory, driver); empty when there is none."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
+    """GPUs reported by ``nvidia-smi`` (name, memory, driver); empty when there is none.
+
+    ``DIFFPERF_FAKE_GPUS=N`` (tests only) reports N fake GPUs instead, filtered by ``CUDA_VISIBLE_DEVICES``
+    like real ones.
+    """
+    fake = os.environ.get("DIFFPERF_FAKE_GPUS", "").strip()
+    if fake:
+        if not fake.isdigit():
+            raise ValueError(f"DIFFPERF_FAKE_GPUS must be a number of fake GPUs, got {fake!r}")
+        out = "Fake GPU, 1024, fake\n" * int(fake)
+    elif (exe := shutil.which("nvidia-smi")) is None:
         return ()
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
+    else:
+        try:
+            out = subprocess.run(
+                [exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ()
     gpus = []
     for line in out.strip().splitlines():
         name, mem, driver = (x.strip() for x in line.split(","))

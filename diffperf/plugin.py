@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from diffperf import hardware, progress
+from diffperf import distributed, hardware, progress
 from diffperf.cases import DEVICES, FRAMEWORKS, Case, RecipeError, framework_spec, matrix_skip_reason, resolve_recipes
+from diffperf.distributed import GROUPS as DIST_GROUPS
 from diffperf.malloc import MODES as MALLOC_MODES
 from diffperf.presets import PRESETS, get_preset
 from diffperf.reference import MODES as REFERENCE_MODES
@@ -208,6 +209,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "'none'. Default: <cache dir>/journal/<time>-<pid>.jsonl.")
     add("--perf-select", default=None, metavar="FILE",
         help="run only the node ids listed in FILE, one a line (used by python -m diffperf launch). Default: all.")
+    add("--perf-dist-group", type=_choice("dist group", DIST_GROUPS), default="framework", metavar="UNIT",
+        help="under pytest-xdist (-n), what one worker runs together: 'framework' (all cases of a stack, so its "
+             "compile caches stay warm) or 'case' (a case's tests, spreading one stack over several GPUs). "
+             "Default: framework.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,6 +279,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for device, reason in (("cpu", "runs on the CPU"), ("cuda", "needs a CUDA GPU"), ("tpu", "needs a TPU VM")):
         config.addinivalue_line("markers", f"{device}: benchmark case that {reason}")
     config.addinivalue_line("markers", "perf_tolerance(fraction): per-test latency tolerance for the regression gate")
+    distributed.configure(config, _cache_dir(config))  # a worker is pinned to its GPU here, before any build
     configure_caches(_cache_dir(config), config.getoption("perf_frameworks"))
     from diffperf import malloc
 
@@ -296,6 +302,12 @@ def pytest_configure(config: pytest.Config) -> None:
     from diffperf import results
 
     results.configure(config, _cache_dir(config))
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: one xdist worker per visible GPU (diffperf/distributed.py)."""
+    return distributed.auto_num_workers(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -50,7 +50,7 @@ class PerfSession:
 
     def measure(self, prepared, benchmark, request: pytest.FixtureRequest) -> dict:
         """Time the steady state, attach the record to the benchmark, and apply the regression gate."""
-        from diffperf import harness
+        from diffperf import distributed, harness
         from diffperf.fidelity import FidelityError
 
         opt = self.config.getoption
@@ -78,6 +78,7 @@ class PerfSession:
             rec["gate"] = outcome.info
             rec["gate_message"] = outcome.message
         benchmark.extra_info.update(rec)
+        distributed.attach_samples(self.config, benchmark, rec["samples_s"])  # an xdist worker's timing
         self.records.append((request.node.nodeid, rec))
         if self.gate is not None and outcome.failed:
             pytest.fail(outcome.message, pytrace=False)
