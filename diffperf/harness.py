@@ -72,6 +72,9 @@ def prepare(case: Case) -> Prepared:
     """Build ``case`` and time its first call (cold start) apart from everything else."""
     release_shared(keep=case.framework)
     build = builder(case.framework)
+    from diffperf import memory
+
+    memory.mark_case_start()  # after the stack's imports, before the build: the CPU memory figure's zero
     with progress.step(f"{case.framework} {case.id}: build") as built:
         runner = build(case)
     try:

@@ -1,8 +1,14 @@
-"""Peak resident memory of this process on CPU, resettable between phases.
+"""Peak resident memory a case adds to this process on CPU, resettable between phases.
+
+What it counts: the peak RSS of a phase (cold call, steady state) minus the RSS at case start, which
+:func:`mark_case_start` takes after the case's framework stack is imported and before its pipeline is
+built (``diffperf.harness.prepare``). So the figure holds the case's weights, activations, compiled code
+and whatever its framework allocates while building and running it, and not what the process held
+before: other frameworks imported earlier (TensorFlow, JAX), earlier cases' leftovers, the interpreter.
 
 Note: Linux keeps the peak RSS (``VmHWM``) per process; writing ``5`` to ``/proc/self/clear_refs``
-resets it to the current RSS, so each phase (cold call, steady state) gets its own peak without a
-sampling thread. Where that file is not writable, a psutil sampling thread stands in (coarser).
+resets it to the current RSS, so each phase gets its own peak without a sampling thread. Where that file
+is not writable, a psutil sampling thread stands in (coarser).
 """
 
 from __future__ import annotations
@@ -35,12 +41,34 @@ def _can_reset_hwm() -> bool:
         return False
 
 
+_case_start_rss: int | None = None
+
+
+def current_rss() -> int:
+    """This process's resident set size now, in bytes."""
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def mark_case_start() -> int:
+    """Record the RSS a case starts from (what :class:`RSSProbe` subtracts); returns it."""
+    global _case_start_rss
+    _case_start_rss = current_rss()
+    return _case_start_rss
+
+
 class RSSProbe(MemoryProbe):
-    """Peak RSS of this process since the last :meth:`reset`."""
+    """Peak RSS of this process since the last :meth:`reset`, minus the RSS at case start.
 
-    kind = "peak_rss"
+    ``start_bytes`` defaults to the last :func:`mark_case_start` (or, without one, the RSS when the probe
+    is created).
+    """
 
-    def __init__(self, interval_s: float = 0.01):
+    kind = "peak_rss_growth"  # baselines measured as "peak_rss" (whole process) are not compared with it
+
+    def __init__(self, interval_s: float = 0.01, start_bytes: int | None = None):
+        if start_bytes is None:
+            start_bytes = _case_start_rss if _case_start_rss is not None else current_rss()
+        self.start_bytes = int(start_bytes)
         self._exact = _can_reset_hwm()
         self._interval = interval_s
         self._peak = 0
@@ -66,7 +94,12 @@ class RSSProbe(MemoryProbe):
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
 
-    def peak_bytes(self) -> int | None:
+    def process_peak_bytes(self) -> int | None:
+        """The whole process's peak RSS since the last :meth:`reset`."""
         if self._exact:
             return _read_hwm()
-        return max(self._peak, psutil.Process(os.getpid()).memory_info().rss)
+        return max(self._peak, current_rss())
+
+    def peak_bytes(self) -> int | None:
+        peak = self.process_peak_bytes()
+        return None if peak is None else max(0, peak - self.start_bytes)
