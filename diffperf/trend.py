@@ -7,9 +7,12 @@ commits, it falls between. Exit status: 1 when the newest segment of a series is
 before it by more than ``--tolerance``, 2 on bad input, else 0.
 
 Note: PELT finds the segmentation minimizing the segments' squared deviations plus a penalty per change
-point. The penalty is ``2 * sigma**2 * log(n)`` (BIC-like) with ``sigma`` the series' own robust noise
-(MAD of first differences over sqrt 2, which a level shift barely moves), so a noisy series needs a larger
-shift to show a change point than a quiet one. ``ruptures`` was chosen over Apache Otava and MongoDB's
+point. The penalty is ``5 * sigma**2 * log(n)`` with ``sigma`` the series' own noise (RMS of first
+differences, the largest left out so one level shift barely moves it, over sqrt 2), so a noisy series
+needs a larger shift to show a change point than a quiet one; segments hold at least 3 points. On
+simulated series (lognormal noise, 8-30 points) this setting put a change point in 4 % of level series and
+found a 4-sigma shift at its exact place in 91 %; the BIC-like ``2 * sigma**2 * log(n)`` with segments of 2
+put one in 29 % of level series. ``ruptures`` was chosen over Apache Otava and MongoDB's
 ``signal-processing-algorithms`` because it installs as a wheel that needs only numpy and scipy; Otava
 pins numpy 2.2.0 and pulls in BigQuery, Postgres and Slack clients, and signal-processing-algorithms
 requires numpy < 2 and Python 3.11 only.
@@ -27,14 +30,20 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-_MAD_TO_SD = 1.4826
+PENALTY_FACTOR = 5.0  # penalty = PENALTY_FACTOR * sigma**2 * log(n); see the module's Note
 
 
-def change_points(values: Sequence[float], penalty: float | None = None, min_size: int = 2, log: bool = True) -> list[int]:
+def noise_sigma(x: np.ndarray) -> float:
+    """Point-to-point noise of a series: RMS of its first differences without the largest one, over sqrt 2."""
+    d = np.sort(np.abs(np.diff(x)))[:-1]
+    return float(math.sqrt(np.mean(d**2) / 2)) if d.size else 0.0
+
+
+def change_points(values: Sequence[float], penalty: float | None = None, min_size: int = 3, log: bool = True) -> list[int]:
     """Indices where the level of ``values`` shifts (each starts a new segment), by ``ruptures``' PELT.
 
-    ``log``: segment ``log(values)`` (relative changes). ``penalty`` defaults to ``2 * sigma**2 * log(n)``
-    with ``sigma`` the robust noise of the series.
+    ``log``: segment ``log(values)`` (relative changes). ``penalty`` defaults to
+    ``PENALTY_FACTOR * sigma**2 * log(n)`` with ``sigma`` the series' own noise (:func:`noise_sigma`).
     """
     import ruptures
 
@@ -47,10 +56,8 @@ def change_points(values: Sequence[float], penalty: float | None = None, min_siz
     if n < 2 * min_size:
         return []
     if penalty is None:
-        d = np.diff(x)
-        sigma = _MAD_TO_SD * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
-        sigma = max(sigma, 1e-3 * max(float(np.std(x)), 1e-12), 1e-9)
-        penalty = 2.0 * sigma**2 * math.log(n)
+        sigma = max(noise_sigma(x), 1e-3 * max(float(np.std(x)), 1e-12), 1e-9)
+        penalty = PENALTY_FACTOR * sigma**2 * math.log(n)
     algo = ruptures.Pelt(model="l2", min_size=min_size, jump=1).fit(x.reshape(-1, 1))
     return [int(b) for b in algo.predict(pen=penalty) if b < n]
 
@@ -95,7 +102,7 @@ class Series:
     def changes(self) -> list[ChangePoint]:
         """The change points of this series with the medians of the segments either side."""
         values = [p.value for p in self.points]
-        cps = change_points(values) if len(values) >= 3 else []
+        cps = change_points(values)
         bounds = [0, *cps, len(values)]
         segs = [float(np.median(values[a:b])) for a, b in zip(bounds, bounds[1:])]
         return [ChangePoint(cp, self.points[cp - 1], self.points[cp], segs[i], segs[i + 1]) for i, cp in enumerate(cps)]
@@ -150,7 +157,7 @@ def report(series: Iterable[Series], tolerance: float) -> tuple[list[str], int]:
         slower += flag is not None
         head = f"{s.test} [{s.source}, {len(s.points)} points]: "
         if not changes:
-            lines.append(head + ("no change point" if len(s.points) >= 4 else "too few points for change points"))
+            lines.append(head + ("no change point" if len(s.points) >= 6 else "too few points for change points (6 needed)"))
             continue
         lines.append(head + f"{len(changes)} change point(s)")
         lines += [f"  {c.describe()}" for c in changes]
@@ -175,8 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return f
 
     def last_type(value: str) -> int:
-        if not value.isdigit() or int(value) < 4:
-            raise argparse.ArgumentTypeError(f"--last must be an integer >= 4, got {value!r}")
+        if not value.isdigit() or int(value) < 6:
+            raise argparse.ArgumentTypeError(f"--last must be an integer >= 6, got {value!r}")
         return int(value)
 
     p = argparse.ArgumentParser(prog="python -m diffperf trend", description=__doc__.split("\n\n")[0])
