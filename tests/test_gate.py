@@ -400,3 +400,23 @@ def test_fold_saved_runs_into_the_history(tmp_path):
     with pytest.raises(SystemExit):
         baseline_main(["fold", str(runs[0]), "--keep", "0", "--baselines-dir", str(out)])
     assert baseline_main(["check", "--baselines-dir", str(out)]) == 0
+
+
+def test_update_baselines_appends_runs_and_the_table_shows_the_between_run_column(fake_suite):
+    """Three --perf-update-baselines runs make a history of 3; the next run is gated by the between-run rule."""
+    args = ["--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-sdpa", "-p", "no:randomly", "-m", "cpu",
+            "--perf-rounds", "5", "--perf-warmup-rounds", "0", "--perf-no-fidelity", "--perf-tolerance", "2"]
+    for i in range(3):
+        result = fake_suite.runpytest_subprocess(*args, "--perf-update-baselines", "--perf-baseline-history", "3")
+        result.assert_outcomes(passed=1, skipped=1)
+        result.stdout.fnmatch_lines(["*baselines written: *.json"])
+    (path,) = (fake_suite.path / "baselines").glob("*.json")
+    (entry,) = BaselineStore.load(path).entries.values()
+    assert len(entry["history"]) == 3 and entry["schema"] == 2
+    result = fake_suite.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*run-to-run cv / flags from*"])
+    assert "ignores between-run drift" not in result.stdout.str()
+    before = path.read_text()
+    result = fake_suite.runpytest_subprocess(*args, "--perf-update-baselines", "--perf-baseline-history", "0")
+    assert result.ret != 0 and path.read_text() == before
