@@ -74,6 +74,7 @@ def prepare(case: Case) -> Prepared:
     build = builder(case.framework)
     from diffperf import memory
 
+    memory.preload_stack(case.framework)
     memory.mark_case_start()  # after the stack's imports, before the build: the CPU memory figure's zero
     with progress.step(f"{case.framework} {case.id}: build") as built:
         runner = build(case)

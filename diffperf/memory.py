@@ -1,8 +1,8 @@
 """Peak resident memory a case adds to this process on CPU, resettable between phases.
 
 What it counts: the peak RSS of a phase (cold call, steady state) minus the RSS at case start, which
-:func:`mark_case_start` takes after the case's framework stack is imported and before its pipeline is
-built (``diffperf.harness.prepare``). So the figure holds the case's weights, activations, compiled code
+:func:`mark_case_start` takes after the case's framework stack is imported (its lazy imports included,
+:func:`preload_stack`) and before its pipeline is built (``diffperf.harness.prepare``). So the figure holds the case's weights, activations, compiled code
 and whatever its framework allocates while building and running it, and not what the process held
 before: other frameworks imported earlier (TensorFlow, JAX), earlier cases' leftovers, the interpreter.
 
@@ -43,6 +43,40 @@ def _can_reset_hwm() -> bool:
 
 _case_start_rss: int | None = None
 
+# What each stack's builder imports lazily on its first build (module, names to resolve on it): imported
+# before the case-start mark, so a framework's first case does not carry its stack's code in its figure
+# while its later cases do not. Data next to the probe; a missing module is skipped.
+STACK_IMPORTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "torch": (
+        ("diffusers", ("AutoencoderKL", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "UNet2DConditionModel",
+                       "EulerDiscreteScheduler", "PNDMScheduler", "DiffusionPipeline")),
+        ("diffusers.models.attention_processor", ("AttnProcessor", "AttnProcessor2_0")),
+        ("transformers", ("CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection")),
+        ("torchao.quantization", ()),
+        ("torch._inductor.config", ()),
+    ),
+    "jax": (("pipelines.flax_sd", ("flax_api()",)),),
+    "tf": (("keras_cv.src.models.stable_diffusion", ("Decoder", "DiffusionModel", "TextEncoder")),),
+}
+
+
+def preload_stack(framework: str) -> list[str]:
+    """Import what ``framework``'s builder would import on its first build (:data:`STACK_IMPORTS`); returns them."""
+    import importlib
+
+    done = []
+    for module_name, names in STACK_IMPORTS.get(framework, ()):
+        try:
+            module = importlib.import_module(module_name)
+            for name in names:
+                attr = getattr(module, name.removesuffix("()"))
+                if name.endswith("()"):
+                    attr()
+        except Exception:  # the build itself reports (or skips) what does not load
+            continue
+        done.append(module_name)
+    return done
+
 
 def current_rss() -> int:
     """This process's resident set size now, in bytes."""
@@ -50,8 +84,21 @@ def current_rss() -> int:
 
 
 def mark_case_start() -> int:
-    """Record the RSS a case starts from (what :class:`RSSProbe` subtracts); returns it."""
+    """Record the RSS a case starts from (what :class:`RSSProbe` subtracts); returns it.
+
+    Garbage is collected and the C allocator's free memory handed back to the OS (``malloc_trim``) first:
+    memory freed earlier but still resident would otherwise be reused by the case without raising RSS, so
+    the figure would shrink by whatever happened to be free.
+    """
     global _case_start_rss
+    import gc
+
+    from diffperf.malloc import _glibc
+
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     _case_start_rss = current_rss()
     return _case_start_rss
 

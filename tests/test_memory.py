@@ -58,3 +58,11 @@ def test_probe_without_a_mark_starts_from_its_creation(monkeypatch):
     probe = memory.RSSProbe()
     assert abs(probe.start_bytes - memory.current_rss()) < 64 * MiB
     assert memory.RSSProbe(start_bytes=123).start_bytes == 123
+
+
+def test_preload_stack_imports_what_the_builder_would_and_skips_what_is_missing(monkeypatch):
+    monkeypatch.setitem(memory.STACK_IMPORTS, "fake", (("json", ("dumps",)), ("no_such_module_here", ()),
+                                                      ("os", ("no_such_attribute",)), ("platform", ("python_version()",))))
+    assert memory.preload_stack("fake") == ["json", "platform"]
+    assert memory.preload_stack("unknown framework") == []
+    assert set(memory.STACK_IMPORTS) == {"torch", "tf", "jax"}
