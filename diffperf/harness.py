@@ -76,8 +76,11 @@ def prepare(case: Case) -> Prepared:
 
     memory.preload_stack(case.framework)
     memory.mark_case_start()  # after the stack's imports, before the build: the CPU memory figure's zero
-    with progress.step(f"{case.framework} {case.id}: build") as built:
-        runner = build(case)
+    try:
+        with progress.step(f"{case.framework} {case.id}: build") as built:
+            runner = build(case)
+    finally:
+        memory.clear_case_start()  # the runner's probe has read it; a stale mark must not reach later probes
     try:
         runner.memory.reset()
         with progress.step(f"{case.framework} {case.id}: first call (compile, autotune, cache fill)"):

@@ -103,11 +103,17 @@ def mark_case_start() -> int:
     return _case_start_rss
 
 
+def clear_case_start() -> None:
+    """Forget the mark (probes created later start from their own creation)."""
+    global _case_start_rss
+    _case_start_rss = None
+
+
 class RSSProbe(MemoryProbe):
     """Peak RSS of this process since the last :meth:`reset`, minus the RSS at case start.
 
-    ``start_bytes`` defaults to the last :func:`mark_case_start` (or, without one, the RSS when the probe
-    is created).
+    ``start_bytes`` defaults to the mark :func:`mark_case_start` set for the build in progress (or, outside
+    ``harness.prepare``, the RSS when the probe is created: after the build, so without the weights).
     """
 
     kind = "peak_rss_growth"  # baselines measured as "peak_rss" (whole process) are not compared with it
