@@ -74,3 +74,43 @@ def test_preload_stack_imports_what_the_builder_would_and_skips_what_is_missing(
     from diffperf.cases import FRAMEWORKS
 
     assert set(FRAMEWORKS) <= set(memory.STACK_IMPORTS)
+
+
+def test_prepare_counts_the_builds_weights_and_not_an_earlier_allocation(monkeypatch):
+    """Through ``harness.prepare``: a build holding 96 MiB of weights reads the same after 512 MiB held elsewhere."""
+    from diffperf import harness
+    from diffperf.cases import Case
+    from pipelines.torch_recipes import TorchRecipe
+
+    class Runner:
+        def __init__(self):
+            self.weights = _touch(96 * MiB)
+            self.memory = memory.RSSProbe()
+
+        def synchronize(self):
+            pass
+
+        def generate(self):
+            return float(self.weights[::4096].sum())
+
+        def generate_instrumented(self):
+            return self.generate(), None
+
+        def close(self):
+            self.weights = None
+
+    monkeypatch.setattr(harness, "builder", lambda framework: lambda case: Runner())
+    monkeypatch.setitem(memory.STACK_IMPORTS, "torch", ())
+    case = Case("torch", TorchRecipe.from_tag("fp32-sdpa"), "tiny", steps=2)
+
+    def cold_peak(prior_bytes):
+        prior = _touch(prior_bytes) if prior_bytes else None
+        prepared = harness.prepare(case)
+        peak = prepared.cold_peak_bytes
+        prepared.close()
+        del prior
+        return peak
+
+    alone, after = cold_peak(0), cold_peak(512 * MiB)
+    assert 80 * MiB <= alone <= 96 * MiB + 64 * MiB, alone / MiB
+    assert abs(after - alone) <= 48 * MiB, (alone / MiB, after / MiB)
