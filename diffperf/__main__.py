@@ -1,4 +1,4 @@
-"""``python -m diffperf``: list presets, compare saved runs, launch isolated runs, measure one case outside pytest."""
+"""``python -m diffperf``: list presets, compare saved runs, trends, baselines, launch isolated runs, measure one case."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_presets)
     p = sub.add_parser("compare", help="compare two saved runs (see python -m diffperf compare -h)", add_help=False)
     p.set_defaults(func=None)
+    p = sub.add_parser("trend", help="change points over saved runs and baseline histories (see python -m diffperf "
+                                     "trend -h)", add_help=False)
+    p.set_defaults(func=None)
+    p = sub.add_parser("baseline", help="fold saved runs into the baseline history, check baseline files (see "
+                                        "python -m diffperf baseline -h)", add_help=False)
+    p.set_defaults(func=None)
     p = sub.add_parser("launch", help="run pytest in isolated processes, one worker per device, and merge the results "
                                       "(see python -m diffperf launch -h)", add_help=False)
     p.set_defaults(func=None)
@@ -58,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         from diffperf.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv and argv[0] == "trend":
+        from diffperf.trend import main as trend_main
+
+        return trend_main(argv[1:])
+    if argv and argv[0] == "baseline":
+        from diffperf.baselines import main as baseline_main
+
+        return baseline_main(argv[1:])
     if argv and argv[0] == "launch":
         from diffperf.launcher import main as launch_main
 

@@ -2,10 +2,18 @@
 
 File layout (``indent=2``, sorted keys, so a re-recorded baseline reads as a small git diff)::
 
-    {"diffperf_baseline_schema": 1, "hardware_id": "cpu-2c-...",
-     "entries": {"<test id>": {"schema": 1, "test_id": ..., "samples_s": [...], "rounds": N, "median_s": ...,
+    {"diffperf_baseline_schema": 2, "hardware_id": "cpu-2c-...",
+     "entries": {"<test id>": {"schema": 2, "test_id": ..., "samples_s": [...], "rounds": N, "median_s": ...,
                                "cv": ..., "peak_memory_bytes": ..., "memory_kind": ..., "compile_s": ...,
-                               "versions": {...}, "commit": {...}, "recorded_at": "...Z"}}}
+                               "versions": {...}, "commit": {...}, "recorded_at": "...Z",
+                               "history": [{"median_s": ..., "rounds": N, "cv": ..., "reference_s": ...,
+                                            "commit": {...}, "recorded_at": "...Z", "versions": {...}}, ...]}}}
+
+The top-level fields of an entry are the latest run that updated it (its rounds in ``samples_s``);
+``history`` holds the medians of the last ``K`` runs that updated it, oldest first, the latest last
+(``--perf-baseline-history K``, default :data:`DEFAULT_HISTORY`). Schema-1 files (one run per entry, no
+history) still load: each entry becomes a history of one run, in memory, and is written as schema 2 the
+next time the file is updated.
 
 Every write goes to a temporary file in the same folder and is moved into place with ``os.replace``; a file
 that failed to load is never written over.
@@ -23,7 +31,9 @@ from typing import Any
 
 from diffperf.fileio import atomic_write_text, read_json
 
-SCHEMA = 1
+SCHEMA = 2
+READABLE_SCHEMAS = (1, 2)  # schema 1: one run per entry, migrated in memory on load
+DEFAULT_HISTORY = 10
 SCHEMA_KEY = "diffperf_baseline_schema"
 _HW_RE = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
@@ -55,24 +65,51 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def parse_history_length(value: str | int) -> int:
+    """``K``, the runs a baseline entry keeps in its history: an integer >= 1 (:class:`ValueError` names it)."""
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"baseline history length must be an integer >= 1, got {value!r}") from None
+    if isinstance(value, bool) or k < 1 or (isinstance(value, float) and value != k):
+        raise ValueError(f"baseline history length must be an integer >= 1, got {value!r}")
+    return k
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def history_item(entry: dict) -> dict:
+    """The history item of the run an entry's top-level fields describe."""
+    return {"median_s": entry["median_s"] if entry.get("median_s") else round_sig(_median(entry["samples_s"])),
+            "rounds": entry["rounds"], "cv": entry.get("cv"), "reference_s": entry.get("reference_s"),
+            "reference_id": entry.get("reference_id"), "commit": dict(entry.get("commit") or {}),
+            "recorded_at": entry.get("recorded_at"), "versions": dict(entry.get("versions") or {})}
+
+
 def make_entry(test_id: str, record: dict, versions: dict | None = None, commit: dict | None = None,
-               recorded_at: str | None = None) -> dict:
-    """A baseline entry from a perf test's record (the ``extra_info`` the plugin stores)."""
+               recorded_at: str | None = None, previous: dict | None = None, keep: int = DEFAULT_HISTORY) -> dict:
+    """A baseline entry from a perf test's record (the ``extra_info`` the plugin stores).
+
+    With ``previous`` (the entry it replaces) the new run is appended to its history, which keeps the
+    last ``keep`` runs.
+    """
+    keep = parse_history_length(keep)
     samples = [round_sig(float(s)) for s in record["samples_s"]]
     if not samples:
         raise ValueError(f"{test_id}: a baseline needs at least one sample")
-    ordered = sorted(samples)
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
     peak = record.get("peak_memory_bytes")
     steady = peak.get("steady") if isinstance(peak, dict) else peak
     compile_s = record.get("compile_s")
-    return {
+    entry = {
         "schema": SCHEMA,
         "test_id": test_id,
         "samples_s": samples,
         "rounds": int(record.get("rounds") or len(samples)),
-        "median_s": round_sig(median),
+        "median_s": round_sig(_median(samples)),
         "cv": round_sig(float(record["cv"]), 4) if record.get("cv") is not None else None,
         "peak_memory_bytes": int(steady) if steady is not None else None,
         "memory_kind": record.get("memory_kind"),
@@ -84,6 +121,13 @@ def make_entry(test_id: str, record: dict, versions: dict | None = None, commit:
         "commit": dict(commit or {}),
         "recorded_at": recorded_at or _utc_now(),
     }
+    past = list((previous or {}).get("history") or [])
+    entry["history"] = (past + [history_item(entry)])[-keep:]
+    return entry
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def validate_entry(entry: Any, where: str) -> None:
@@ -93,9 +137,7 @@ def validate_entry(entry: Any, where: str) -> None:
     if entry.get("schema") != SCHEMA:
         raise BaselineError(f"{where}: entry schema {entry.get('schema')!r}, this diffperf reads schema {SCHEMA}")
     samples = entry.get("samples_s")
-    if not isinstance(samples, list) or not samples or not all(
-        isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in samples
-    ):
+    if not isinstance(samples, list) or not samples or not all(_positive_number(s) for s in samples):
         raise BaselineError(f"{where}: 'samples_s' must be a non-empty list of positive seconds")
     if not isinstance(entry.get("rounds"), int) or entry["rounds"] < 1:
         raise BaselineError(f"{where}: 'rounds' must be a positive integer")
@@ -105,6 +147,40 @@ def validate_entry(entry: Any, where: str) -> None:
         value = entry.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise BaselineError(f"{where}: {key!r} must be a non-negative number or null")
+    history = entry.get("history")
+    if not isinstance(history, list) or not history:
+        raise BaselineError(f"{where}: 'history' must be a non-empty list of runs (oldest first)")
+    for i, item in enumerate(history):
+        if not isinstance(item, dict):
+            raise BaselineError(f"{where}: history[{i}] is a {type(item).__name__}, not an object")
+        if not _positive_number(item.get("median_s")):
+            raise BaselineError(f"{where}: history[{i}]: 'median_s' must be a positive number of seconds, "
+                                f"got {item.get('median_s')!r}")
+        if not isinstance(item.get("rounds"), int) or isinstance(item.get("rounds"), bool) or item["rounds"] < 1:
+            raise BaselineError(f"{where}: history[{i}]: 'rounds' must be a positive integer")
+        for key in ("commit", "versions"):
+            if not isinstance(item.get(key, {}), dict):
+                raise BaselineError(f"{where}: history[{i}]: {key!r} must be an object")
+        ref = item.get("reference_s")
+        if ref is not None and not _positive_number(ref):
+            raise BaselineError(f"{where}: history[{i}]: 'reference_s' must be a positive number or null")
+
+
+def migrate_entry(entry: Any) -> Any:
+    """A schema-1 entry as schema 2 (a history of its one run); anything else unchanged."""
+    if isinstance(entry, dict) and entry.get("schema") == 1 and "history" not in entry:
+        entry = dict(entry, schema=SCHEMA)
+        if isinstance(entry.get("samples_s"), list) and entry["samples_s"] and isinstance(entry.get("rounds"), int):
+            try:
+                entry["history"] = [history_item(entry)]
+            except (TypeError, KeyError):
+                pass  # validate_entry names the problem
+    return entry
+
+
+def history_medians(entry: dict) -> list[float]:
+    """The medians of the runs in an entry's history, oldest first."""
+    return [float(item["median_s"]) for item in entry.get("history") or []]
 
 
 class BaselineStore:
@@ -121,7 +197,8 @@ class BaselineStore:
         """The store in ``path`` (an empty store when the file does not exist).
 
         Raises :class:`BaselineError` naming the file when it is empty, not JSON, not a diffperf baseline,
-        written with another schema version, or holds an invalid entry.
+        written with another schema version, recorded on other hardware than its name says, or holds an
+        invalid entry (a history item included). Schema-1 files are migrated in memory.
         """
         path = Path(path)
         if not path.exists():
@@ -131,18 +208,25 @@ class BaselineStore:
         if not isinstance(data, dict) or SCHEMA_KEY not in data:
             raise BaselineError(f"baseline file {path}: not a diffperf baseline (no {SCHEMA_KEY!r} key)")
         schema = data[SCHEMA_KEY]
-        if schema != SCHEMA:
+        if schema not in READABLE_SCHEMAS:
             age = "an older" if isinstance(schema, int) and schema < SCHEMA else "an unknown"
             raise BaselineError(
-                f"baseline file {path}: {age} schema version {schema!r}, this diffperf reads schema {SCHEMA}; "
-                "re-record it (delete the file, then run with --perf-update-baselines)"
+                f"baseline file {path}: {age} schema version {schema!r}, this diffperf reads schemas "
+                f"{', '.join(map(str, READABLE_SCHEMAS))}; re-record it (delete the file, then run with "
+                "--perf-update-baselines)"
             )
+        hw = data.get("hardware_id")
+        if hw is not None and hw != path.stem:
+            raise BaselineError(
+                f"baseline file {path}: recorded on hardware {hw!r}, but its name says {path.stem!r}; a baseline "
+                "from other hardware says nothing about this one (record one here with --perf-update-baselines)")
         entries = data.get("entries")
         if not isinstance(entries, dict):
             raise BaselineError(f"baseline file {path}: 'entries' must be an object keyed by test id")
+        entries = {test_id: migrate_entry(entry) for test_id, entry in entries.items()}
         for test_id, entry in entries.items():
             validate_entry(entry, f"baseline file {path}, entry {test_id!r}")
-        return cls(path, data.get("hardware_id") or path.stem, entries)
+        return cls(path, hw or path.stem, entries)
 
     def get(self, test_id: str) -> dict | None:
         return self.entries.get(test_id)
@@ -152,6 +236,14 @@ class BaselineStore:
         validate_entry(entry, f"baseline entry {entry.get('test_id')!r} for {self.path}")
         self.entries[entry["test_id"]] = entry
         self.dirty = True
+
+    def append(self, test_id: str, record: dict, versions: dict | None = None, commit: dict | None = None,
+               recorded_at: str | None = None, keep: int = DEFAULT_HISTORY) -> dict:
+        """Record ``record`` as the latest run of ``test_id``, appended to its history (the last ``keep`` kept)."""
+        entry = make_entry(test_id, record, versions=versions, commit=commit, recorded_at=recorded_at,
+                           previous=self.entries.get(test_id), keep=keep)
+        self.put(entry)
+        return entry
 
     def to_json(self) -> dict:
         return {SCHEMA_KEY: SCHEMA, "hardware_id": self.hardware_id, "entries": self.entries}
@@ -167,3 +259,91 @@ class BaselineStore:
         self.entries = merged
         atomic_write_json(self.path, self.to_json())
         self.dirty = False
+
+
+# --------------------------------------------------------------------------------- python -m diffperf baseline
+
+
+def fold_runs(run_paths: list[str | os.PathLike[str]], baselines_dir: str | os.PathLike[str],
+              keep: int = DEFAULT_HISTORY) -> list[Path]:
+    """Append every diffperf record of the saved runs (oldest first, by their ``datetime``) to the baselines.
+
+    Each run's benchmarks land in ``<baselines_dir>/<hardware id>.json`` with the run's commit, date and
+    framework versions. Every run and every file is read and checked first: on any bad input
+    (:class:`BaselineError` naming it) nothing is written.
+    """
+    keep = parse_history_length(keep)
+    from diffperf.compare import RunError, load_run
+
+    runs = []
+    for p in run_paths:
+        try:
+            runs.append(load_run(p))
+        except RunError as exc:
+            raise BaselineError(str(exc)) from None
+    runs.sort(key=lambda r: str(r.data.get("datetime") or ""))
+    stores: dict[str, BaselineStore] = {}
+    for run in runs:
+        mi = run.machine_info
+        versions = mi.get("diffperf_versions") or {}
+        commit = {k: run.commit_info.get(k) for k in ("id", "time", "branch", "dirty", "project") if k in run.commit_info}
+        date = str(run.data.get("datetime") or "") or None
+        if date and not date.endswith("Z") and "+" not in date[10:]:
+            date = date.split(".")[0] + "Z"
+        found = 0
+        for bench in run.data["benchmarks"]:
+            rec = bench.get("extra_info") or {}
+            if "diffperf_schema" not in rec or not rec.get("hardware_id"):
+                continue
+            hw = rec["hardware_id"]
+            if hw not in stores:
+                stores[hw] = BaselineStore.load(baseline_path(baselines_dir, hw))
+            stores[hw].append(bench["fullname"], rec, versions=versions, commit=commit, recorded_at=date, keep=keep)
+            found += 1
+        if not found:
+            raise BaselineError(f"saved run {run.path}: no diffperf record with a hardware id; nothing to fold")
+    written = []
+    for store in stores.values():
+        store.save()
+        written.append(store.path)
+    return sorted(written)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffperf baseline fold RUN... [--baselines-dir DIR] [--keep K]`` and ``baseline check``."""
+    import argparse
+    import sys
+
+    def k_type(value: str) -> int:
+        try:
+            return parse_history_length(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    p = argparse.ArgumentParser(prog="python -m diffperf baseline",
+                                description="build and check baseline files (baselines/README.md)")
+    sub = p.add_subparsers(dest="action", required=True)
+    f = sub.add_parser("fold", help="append saved runs (pytest-benchmark JSON, oldest first) to the baseline history")
+    f.add_argument("runs", nargs="+", help="saved run files, e.g. .benchmarks/*/00*_calib.json")
+    f.add_argument("--baselines-dir", default="baselines", help="default: baselines")
+    f.add_argument("--keep", type=k_type, default=DEFAULT_HISTORY,
+                   help=f"runs kept in each entry's history (K). Default: {DEFAULT_HISTORY}.")
+    c = sub.add_parser("check", help="load every baseline file and print its entries and history lengths")
+    c.add_argument("--baselines-dir", default="baselines", help="default: baselines")
+    a = p.parse_args(argv)
+    try:
+        if a.action == "fold":
+            for path in fold_runs(a.runs, a.baselines_dir, a.keep):
+                print(f"baselines written: {path}")
+            return 0
+        files = sorted(Path(a.baselines_dir).glob("*.json"))
+        for path in files:
+            store = BaselineStore.load(path)
+            lengths = sorted({len(e["history"]) for e in store.entries.values()})
+            print(f"{path}: {len(store.entries)} entries, history of {', '.join(map(str, lengths)) or '-'} run(s)")
+        if not files:
+            print(f"no baseline file under {a.baselines_dir}")
+        return 0
+    except BaselineError as exc:
+        print(f"diffperf baseline: error: {exc}", file=sys.stderr)
+        return 2

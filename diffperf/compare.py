@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 from diffperf import stats
 from diffperf.fileio import atomic_write_text, read_json
 from diffperf.gate import REFERENCE_NOTICE, machine_speed_factor, reference_notice
+from diffperf.trend import change_points
 
 RECORD_SCHEMA = 1
 VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
@@ -442,7 +443,7 @@ def trend_figures(runs: Sequence[SavedRun]) -> list[tuple[str, list[int], str]]:
         if len(pts) < 3:
             continue
         labels, values = [p[0] for p in pts], [p[1] for p in pts]
-        cps = stats.change_points(values)
+        cps = change_points(values)  # ruptures PELT (diffperf/trend.py)
         fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(pts)), 2.8))
         ax.plot(range(len(values)), values, marker="o", ms=3, color="#4c72b0")
         for i, cp in enumerate(cps):
@@ -479,7 +480,8 @@ def render_html(rows: Sequence[Row], base: SavedRun, head: SavedRun, trend_runs:
         figs = trend_figures(trend_runs)
         parts.append(f"<h2>Trends over {len(trend_runs)} saved runs</h2>")
         for test, cps, svg in figs:
-            where = ", ".join(f"before {trend_runs[i].label}" for i in cps if i < len(trend_runs)) or "none"
+            labels = [lbl for lbl, _ in trend_series(trend_runs)[test]]
+            where = ", ".join(f"between {labels[i - 1]} and {labels[i]}" for i in cps if 0 < i < len(labels)) or "none"
             parts.append(f"<div><p>{e(test)}: change points: {e(where)}</p>{svg}</div>")
     parts.append("</body></html>")
     return "\n".join(parts)

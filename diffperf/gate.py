@@ -1,7 +1,11 @@
 """The regression gate every perf test passes through: its record against the baseline of this hardware.
 
-Latency is judged statistically (:func:`diffperf.stats.compare_samples`: median ratio beyond the tolerance
-*and* a significant one-sided Mann-Whitney U). Peak memory and compile seconds are one number per run, so
+Latency is judged against the baseline's history of run medians when it holds
+:data:`diffperf.stats.MIN_HISTORY` runs or more (:func:`diffperf.stats.compare_to_history`: slower than the
+run-to-run spread explains, by more than the tolerance); with a shorter history, against the rounds of its
+latest run (:func:`diffperf.stats.compare_samples`: median ratio beyond the tolerance *and* a significant
+one-sided Mann-Whitney U), and the verdict says that it ignores between-run drift. Every verdict states the
+between-run CV and the smallest regression the baseline can flag at the run's alpha. Peak memory and compile seconds are one number per run, so
 no test is possible: they fail when the measured value exceeds the baseline by more than their own
 tolerance (``memory_tolerance`` 10 %, ``compile_tolerance`` 25 %), and say "improved" when below it.
 
@@ -23,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from diffperf import stats
-from diffperf.baselines import BaselineError, BaselineStore, baseline_path, make_entry
+from diffperf.baselines import (DEFAULT_HISTORY, BaselineError, BaselineStore, baseline_path, history_medians,
+                                 parse_history_length)
 
 
 @dataclasses.dataclass
@@ -37,6 +42,10 @@ class GateSettings:
     n_boot: int = stats.DEFAULT_BOOT
     seed: int = stats.DEFAULT_SEED
     rescale_by_reference: bool = False
+    history: int = DEFAULT_HISTORY  # runs kept per baseline entry (--perf-baseline-history)
+
+    def __post_init__(self):
+        self.history = parse_history_length(self.history)
 
 
 @dataclasses.dataclass
@@ -143,12 +152,32 @@ class Gate:
         samples = [x * factor for x in samples]
         info["machine_speed_factor"], info["rescaled_by_reference"] = speed, factor != 1.0
         cmp = stats.compare_samples(samples, base["samples_s"], tolerance=tol, alpha=s.alpha, n_boot=s.n_boot, seed=s.seed)
+        medians = history_medians(base)
         info.update(verdict=cmp.verdict, baseline_median_s=cmp.base_median, measured_median_s=cmp.head_median,
                     ratio=cmp.ratio, ratio_ci=[cmp.ci.low, cmp.ci.high], p_slower=cmp.p_slower,
                     p_faster=cmp.p_faster, min_detectable_slowdown=cmp.min_detectable,
-                    baseline_rounds=base.get("rounds"), baseline_commit=(base.get("commit") or {}).get("id"))
+                    baseline_rounds=base.get("rounds"), baseline_commit=(base.get("commit") or {}).get("id"),
+                    history_runs=len(medians), between_run_cv=stats.between_run_cv(medians) if len(medians) >= 2 else None)
         lines = [f"latency {cmp.describe()}, baseline rounds {len(base['samples_s'])}, measured rounds {len(samples)}, "
                  f"CV {info['cv']:.1%}, min detectable slowdown {cmp.min_detectable:.1%}"]
+        verdict = cmp.verdict
+        if len(medians) >= stats.MIN_HISTORY:
+            hc = stats.compare_to_history(samples, medians, tolerance=tol, alpha=s.alpha, seed=s.seed)
+            verdict = hc.verdict
+            info.update(verdict=verdict, gate_rule="between-run", history_center_s=hc.center,
+                        history_ratio=hc.ratio, drift_explained=hc.explained, min_flaggable_regression=hc.min_flaggable)
+            lines = [f"latency {hc.describe()}",
+                     f"between-run CV {hc.between_run_cv:.1%} over {hc.runs} runs; smallest regression this baseline "
+                     f"can flag at alpha {s.alpha:g}: {hc.min_flaggable:.1%}",
+                     f"(latest baseline run alone: {cmp.verdict}, ratio {cmp.ratio:.3f}, measured rounds "
+                     f"{len(samples)}, CV {info['cv']:.1%})"]
+        else:
+            cv_text = (f"{info['between_run_cv']:.1%} over {len(medians)} runs" if info["between_run_cv"] is not None
+                       else "unknown")
+            info.update(gate_rule="within-run", min_flaggable_regression=cmp.min_detectable)
+            lines.append(f"between-run CV {cv_text}; this verdict ignores between-run drift (baseline history of "
+                         f"{len(medians)} run(s), {stats.MIN_HISTORY} needed); smallest regression this baseline can "
+                         f"flag at alpha {s.alpha:g}: {cmp.min_detectable:.1%} (within-run noise only)")
         if factor != 1.0:
             lines.append(f"measured rounds rescaled by {factor:.3f} (reference workload: baseline "
                          f"{stats.fmt_seconds(base['reference_s'])}, now {stats.fmt_seconds(record['reference_s'])})")
@@ -156,7 +185,7 @@ class Gate:
             lines.append(reference_notice(speed, base["reference_s"], record["reference_s"]))
         if ref_note:
             lines.append(ref_note)
-        failures = ["latency"] if cmp.verdict == "regressed" else []
+        failures = ["latency"] if verdict == "regressed" else []
 
         mem_v, mem_line = _single_value("peak memory", _steady_memory(record.get("peak_memory_bytes")),
                                         _steady_memory(base.get("peak_memory_bytes")), s.memory_tolerance, stats.fmt_bytes)
@@ -172,21 +201,21 @@ class Gate:
             comp_v, comp_line = "not compared", (f"compile time: measured as {record['compile_kind']}, baseline as "
                                                  f"{base_kind}; not compared")
         info["memory_verdict"], info["compile_verdict"] = mem_v, comp_v
-        for verdict, line, name in ((mem_v, mem_line, "peak memory"), (comp_v, comp_line, "compile time")):
+        for one_verdict, line, name in ((mem_v, mem_line, "peak memory"), (comp_v, comp_line, "compile time")):
             if line:
                 lines.append(line)
-            if verdict == "regressed":
+            if one_verdict == "regressed":
                 failures.append(name)
         failed = bool(failures) and not s.update
         if failures:
             head = f"{test_id} on {hardware_id}: {' and '.join(failures)} regressed"
             head += " (baseline is being updated, not failing)" if s.update else ""
         else:
-            head = f"{test_id} on {hardware_id}: {cmp.verdict}"
-        return GateOutcome(failed, "\n".join([head, *("  " + ln for ln in lines)]), info, cmp.verdict)
+            head = f"{test_id} on {hardware_id}: {verdict}"
+        return GateOutcome(failed, "\n".join([head, *("  " + ln for ln in lines)]), info, verdict)
 
     def finish(self, versions: dict | None = None, commit: dict | None = None) -> list[Path]:
-        """With ``settings.update``: write every checked record into its hardware's baseline file.
+        """With ``settings.update``: append every checked record to its entry's history in its hardware's file.
 
         Other entries of each file are kept; each file is replaced atomically; a file that failed to load
         is left untouched (its :class:`BaselineError` is raised after the other files are written).
@@ -205,7 +234,7 @@ class Gate:
             try:
                 store = self.store(hw)
                 for test_id, record in records.items():
-                    store.put(make_entry(test_id, record, versions=versions, commit=commit))
+                    store.append(test_id, record, versions=versions, commit=commit, keep=self.settings.history)
                 store.save()
                 written.append(store.path)
             except BaselineError as exc:

@@ -73,8 +73,15 @@ def prepare(case: Case) -> Prepared:
     """Build ``case`` and time its first call (cold start) apart from everything else."""
     release_shared(keep=case.framework)
     build = builder(case.framework)
-    with progress.step(f"{case.framework} {case.id}: build") as built:
-        runner = build(case)
+    from diffperf import memory
+
+    memory.preload_stack(case.framework)
+    memory.mark_case_start()  # after the stack's imports, before the build: the CPU memory figure's zero
+    try:
+        with progress.step(f"{case.framework} {case.id}: build") as built:
+            runner = build(case)
+    finally:
+        memory.clear_case_start()  # the runner's probe has read it; a stale mark must not reach later probes
     try:
         runner.memory.reset()
         with progress.step(f"{case.framework} {case.id}: first call (compile, autotune, cache fill)"):

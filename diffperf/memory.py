@@ -1,8 +1,14 @@
-"""Peak resident memory of this process on CPU, resettable between phases.
+"""Peak resident memory a case adds to this process on CPU, resettable between phases.
+
+What it counts: the peak RSS of a phase (cold call, steady state) minus the RSS at case start, which
+:func:`mark_case_start` takes after the case's framework stack is imported (its lazy imports included,
+:func:`preload_stack`) and before its pipeline is built (``diffperf.harness.prepare``). So the figure holds the case's weights, activations, compiled code
+and whatever its framework allocates while building and running it, and not what the process held
+before: other frameworks imported earlier (TensorFlow, JAX), earlier cases' leftovers, the interpreter.
 
 Note: Linux keeps the peak RSS (``VmHWM``) per process; writing ``5`` to ``/proc/self/clear_refs``
-resets it to the current RSS, so each phase (cold call, steady state) gets its own peak without a
-sampling thread. Where that file is not writable, a psutil sampling thread stands in (coarser).
+resets it to the current RSS, so each phase gets its own peak without a sampling thread. Where that file
+is not writable, a psutil sampling thread stands in (coarser).
 """
 
 from __future__ import annotations
@@ -35,12 +41,87 @@ def _can_reset_hwm() -> bool:
         return False
 
 
+_case_start_rss: int | None = None
+
+# What each stack's builder imports lazily on its first build (module, names to resolve on it): imported
+# before the case-start mark, so a framework's first case does not carry its stack's code in its figure
+# while its later cases do not. Data next to the probe; a missing module is skipped.
+STACK_IMPORTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "torch": (
+        ("diffusers", ("AutoencoderKL", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "UNet2DConditionModel",
+                       "EulerDiscreteScheduler", "PNDMScheduler", "DiffusionPipeline")),
+        ("diffusers.models.attention_processor", ("AttnProcessor", "AttnProcessor2_0")),
+        ("transformers", ("CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection")),
+        ("torchao.quantization", ()),
+        ("torch._inductor.config", ()),
+    ),
+    "jax": (("pipelines.flax_sd", ("flax_api()",)),),
+    "tf": (("keras_cv.src.models.stable_diffusion", ("Decoder", "DiffusionModel", "TextEncoder")),),
+}
+
+
+def preload_stack(framework: str) -> list[str]:
+    """Import what ``framework``'s builder would import on its first build (:data:`STACK_IMPORTS`); returns them."""
+    import importlib
+
+    done = []
+    for module_name, names in STACK_IMPORTS.get(framework, ()):
+        try:
+            module = importlib.import_module(module_name)
+            for name in names:
+                attr = getattr(module, name.removesuffix("()"))
+                if name.endswith("()"):
+                    attr()
+        except Exception:  # the build itself reports (or skips) what does not load
+            continue
+        done.append(module_name)
+    return done
+
+
+def current_rss() -> int:
+    """This process's resident set size now, in bytes."""
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def mark_case_start() -> int:
+    """Record the RSS a case starts from (what :class:`RSSProbe` subtracts); returns it.
+
+    Garbage is collected and the C allocator's free memory handed back to the OS (``malloc_trim``) first:
+    memory freed earlier but still resident would otherwise be reused by the case without raising RSS, so
+    the figure would shrink by whatever happened to be free.
+    """
+    global _case_start_rss
+    import gc
+
+    from diffperf.malloc import _glibc
+
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    _case_start_rss = current_rss()
+    return _case_start_rss
+
+
+def clear_case_start() -> None:
+    """Forget the mark (probes created later start from their own creation)."""
+    global _case_start_rss
+    _case_start_rss = None
+
+
 class RSSProbe(MemoryProbe):
-    """Peak RSS of this process since the last :meth:`reset`."""
+    """Peak RSS of this process since the last :meth:`reset`, minus the RSS at case start.
 
-    kind = "peak_rss"
+    ``start_bytes`` defaults to the mark :func:`mark_case_start` set for the build in progress (or, outside
+    ``harness.prepare``, the RSS when the probe is created: after the build, so without the weights).
+    """
 
-    def __init__(self, interval_s: float = 0.01):
+    kind = "peak_rss_growth"  # baselines measured as "peak_rss" (whole process) are not compared with it
+
+    def __init__(self, interval_s: float = 0.01, start_bytes: int | None = None):
+        if start_bytes is None:
+            start_bytes = _case_start_rss if _case_start_rss is not None else current_rss()
+        self.start_bytes = int(start_bytes)
         self._exact = _can_reset_hwm()
         self._interval = interval_s
         self._peak = 0
@@ -66,7 +147,12 @@ class RSSProbe(MemoryProbe):
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
 
-    def peak_bytes(self) -> int | None:
+    def process_peak_bytes(self) -> int | None:
+        """The whole process's peak RSS since the last :meth:`reset`."""
         if self._exact:
             return _read_hwm()
-        return max(self._peak, psutil.Process(os.getpid()).memory_info().rss)
+        return max(self._peak, current_rss())
+
+    def peak_bytes(self) -> int | None:
+        peak = self.process_peak_bytes()
+        return None if peak is None else max(0, peak - self.start_bytes)

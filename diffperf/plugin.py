@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from diffperf import distributed, hardware, progress
+from diffperf.baselines import DEFAULT_HISTORY, parse_history_length
 from diffperf.cases import DEVICES, FRAMEWORKS, Case, RecipeError, framework_spec, matrix_skip_reason, resolve_recipes
 from diffperf.distributed import GROUPS as DIST_GROUPS
 from diffperf.malloc import MODES as MALLOC_MODES
 from diffperf.presets import PRESETS, get_preset
 from diffperf.reference import MODES as REFERENCE_MODES
 from diffperf.session import PerfSession
+from diffperf.stats import MIN_HISTORY
 from diffperf.table import results_table
 
 
@@ -139,6 +141,13 @@ def _choice(what: str, choices: tuple[str, ...]):
     return parse
 
 
+def parse_history(value: str) -> int:
+    try:
+        return parse_history_length(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--perf-baseline-history: {exc}") from None
+
+
 def parse_weights_dir(value: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_dir():
@@ -193,7 +202,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--perf-alpha", type=parse_fraction("alpha", upper=0.5), default=0.01, metavar="P",
         help="significance level of the regression test (one-sided Mann-Whitney U). Default: 0.01.")
     add("--perf-update-baselines", action="store_true", default=False,
-        help="write this run's results into baselines/<hardware-id>.json (atomically, keeping other entries). Default: off.")
+        help="append this run's results to the history of its entries in baselines/<hardware-id>.json (atomically, "
+             "keeping other entries). Default: off.")
+    add("--perf-baseline-history", type=parse_history, default=DEFAULT_HISTORY, metavar="K",
+        help="runs each baseline entry keeps in its history (--perf-update-baselines appends the run, the oldest "
+             f"beyond K are dropped); the gate uses their spread from {MIN_HISTORY} runs on. Default: {DEFAULT_HISTORY}.")
     add("--perf-inject-slowdown", type=parse_fraction("injected slowdown"), default=0.0, metavar="FRACTION",
         help="make every timed call this much slower (calibrates the gate; never use for real runs). Default: 0.")
     add("--perf-reference", type=_choice("reference mode", REFERENCE_MODES), default="report", metavar="MODE",

@@ -131,5 +131,6 @@ def make_gate(config: pytest.Config):
         tolerance=opt("perf_tolerance"), memory_tolerance=opt("perf_memory_tolerance"),
         compile_tolerance=opt("perf_compile_tolerance"), alpha=opt("perf_alpha"),
         update=opt("perf_update_baselines"), rescale_by_reference=opt("perf_reference") == "rescale",
+        history=opt("perf_baseline_history"),
         baselines_dir=Path(baselines).resolve() if baselines else Path(config.rootpath) / "baselines",
     ))

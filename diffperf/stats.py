@@ -1,4 +1,4 @@
-"""Statistics for the regression gate: median-ratio bootstrap, Mann-Whitney U, noise and power, change points.
+"""Statistics for the regression gate: median-ratio bootstrap, Mann-Whitney U, noise and power, between-run spread.
 
 Everything here is pure (numbers in, numbers out) and seeded, so a verdict is reproducible from the samples.
 
@@ -202,51 +202,94 @@ def compare_samples(head: Sequence[float], base: Sequence[float], tolerance: flo
     return Comparison(verdict, float(np.median(b)), float(np.median(h)), ci, p_slow, p_fast, tolerance, alpha, mds)
 
 
-def change_points(values: Sequence[float], penalty: float | None = None, min_size: int = 2, log: bool = True) -> list[int]:
-    """Indices where the level of a series shifts (each index starts a new segment), by optimal partitioning.
+MIN_HISTORY = 3  # runs a baseline history needs before the gate uses its between-run spread
 
-    Exact penalized segmentation (the PELT objective, with PELT's pruning): the cost of a segment is its
-    sum of squared deviations from its mean, computed on ``log(values)`` when ``log`` (relative changes);
-    each extra segment costs ``penalty``, by default ``2 * sigma**2 * log(n)`` (BIC-like), with ``sigma``
-    the robust noise of the series (MAD of first differences over sqrt 2).
+
+def between_run_cv(medians: Sequence[float]) -> float | None:
+    """Run-to-run noise of a history: sample standard deviation of ``log(median)`` (``None`` under 2 runs)."""
+    a = _arr(medians)
+    if a.size < 2:
+        return None
+    return float(np.std(np.log(a), ddof=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryComparison:
+    """A run's rounds judged against the medians of the baseline's last runs."""
+
+    verdict: str  # "regressed" | "improved" | "unchanged" | "inconclusive"
+    center: float  # geometric mean of the history medians
+    head_median: float
+    runs: int
+    between_run_cv: float
+    within_se: float  # bootstrap standard error of log(head median)
+    margin: float  # log half-width of the one-sided prediction bound (drift the history explains at alpha)
+    tolerance: float
+    alpha: float
+
+    @property
+    def ratio(self) -> float:
+        return self.head_median / self.center
+
+    @property
+    def explained(self) -> float:
+        """The largest ratio the history's run-to-run spread explains at ``alpha`` (upper prediction bound)."""
+        return math.exp(self.margin)
+
+    @property
+    def min_flaggable(self) -> float:
+        """The smallest slowdown (0.3 = 30 %) whose median this rule flags: prediction bound times tolerance."""
+        return math.exp(self.margin) * (1 + self.tolerance) - 1
+
+    def describe(self) -> str:
+        return (f"{self.verdict}: history of {self.runs} runs centred on {fmt_seconds(self.center)}, head "
+                f"{fmt_seconds(self.head_median)}, ratio {self.ratio:.3f}; run-to-run drift explains up to "
+                f"{self.explained:.3f} at alpha {self.alpha:g} (between-run CV {self.between_run_cv:.1%}), "
+                f"tolerance {self.tolerance:.0%} beyond that")
+
+
+def compare_to_history(head: Sequence[float], medians: Sequence[float], tolerance: float = 0.10,
+                       alpha: float = 0.01, n_boot: int = 500, seed: int = DEFAULT_SEED) -> HistoryComparison:
+    """The gate's rule when the baseline holds the medians of ``MIN_HISTORY`` or more earlier runs.
+
+    Note: a run's median differs from the baseline's by the noise inside the run (1-5 % here) *and* by
+    how the machine's speed drifted between runs (5-35 % on a shared VM), which the rounds of two runs
+    cannot tell from a regression. The history's medians show that drift. On log medians
+    ``m_1..m_n`` (mean ``m``, standard deviation ``s``, ``n - 1`` degrees of freedom), a new unchanged run's
+    log median falls below ``m + t[1-alpha, n-1] * s * sqrt(1 + 1/n)`` with probability ``1 - alpha``
+    (the one-sided prediction bound of a normal sample). The head run's own noise enters as the bootstrap
+    standard error ``se`` of its log median, combined in quadrature: ``margin = sqrt((t s sqrt(1+1/n))**2
+    + (z[1-alpha] se)**2)`` (conservative: ``s`` already holds some within-run noise). Then, with
+    ``d = log(head median) - m``:
+
+    * ``regressed``: ``d > margin + log(1 + tolerance)``: slower than the drift explains, by more than the
+      tolerance; the smallest slowdown flagged is ``exp(margin) * (1 + tolerance) - 1`` (``min_flaggable``);
+    * ``improved``: the mirror image, ``d < -(margin + log(1 + tolerance))``;
+    * ``inconclusive``: beyond the tolerance but inside what the drift explains;
+    * ``unchanged``: otherwise.
     """
-    x = np.asarray(values, dtype=float)
-    if log:
-        x = np.log(x)
-    n = x.size
-    if n < 2 * min_size:
-        return []
-    if penalty is None:
-        d = np.diff(x)
-        sigma = _MAD_TO_SD * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
-        sigma = max(sigma, 1e-3 * max(float(np.std(x)), 1e-12), 1e-9)
-        penalty = 2.0 * sigma**2 * math.log(n)
-    s1 = np.concatenate([[0.0], np.cumsum(x)])
-    s2 = np.concatenate([[0.0], np.cumsum(x * x)])
-
-    def cost(i: int, j: int) -> float:  # segment x[i:j]
-        m = j - i
-        return float(s2[j] - s2[i] - (s1[j] - s1[i]) ** 2 / m)
-
-    best = np.full(n + 1, np.inf)
-    best[0] = -penalty
-    last = np.zeros(n + 1, dtype=int)
-    candidates = [0]
-    for j in range(min_size, n + 1):
-        scored = [(best[i] + cost(i, j), i) for i in candidates if j - i >= min_size]
-        if not scored:
-            continue
-        value, i_best = min(scored)
-        best[j], last[j] = value + penalty, i_best
-        keep = {i for v, i in scored if v <= best[j]}  # PELT pruning
-        candidates = [i for i in candidates if j - i < min_size or i in keep] + [j]
-    cps, j = [], n
-    while j > 0:
-        i = int(last[j])
-        if i > 0:
-            cps.append(i)
-        j = i
-    return sorted(cps)
+    h, m = _arr(head), _arr(medians)
+    if m.size < MIN_HISTORY:
+        raise ValueError(f"a history of {m.size} run(s); the between-run rule needs at least {MIN_HISTORY}")
+    logs = np.log(m)
+    n = logs.size
+    s = float(np.std(logs, ddof=1))
+    se = log_median_se(h, n_boot, seed) if h.size >= 2 else 0.0
+    t = float(_st.t.ppf(1 - alpha, n - 1))
+    margin = math.hypot(t * s * math.sqrt(1 + 1 / n), _z(1 - alpha) * se)
+    center = float(np.exp(logs.mean()))
+    head_med = float(np.median(h))
+    d = math.log(head_med / center)
+    tol = math.log1p(tolerance)
+    if d > margin + tol:
+        verdict = "regressed"
+    elif d < -(margin + tol):
+        verdict = "improved"
+    elif abs(d) > tol:
+        verdict = "inconclusive"
+    else:
+        verdict = "unchanged"
+    return HistoryComparison(verdict, center, head_med, n, s, se, margin, tolerance, alpha)
 
 
 def fmt_seconds(s: float | None) -> str:

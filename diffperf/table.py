@@ -17,10 +17,23 @@ def _fmt_s(x) -> str:
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
+def _drift(gate: dict) -> str:
+    """Between-run CV of the baseline history and the smallest regression it can flag (``*``: within-run rule)."""
+    flag = gate.get("min_flaggable_regression")
+    if flag is None:
+        return "-"
+    cv = gate.get("between_run_cv")
+    cv_s = "?" if cv is None else f"{cv * 100:.1f}%"
+    star = "" if gate.get("gate_rule") == "between-run" else "*"
+    flag_s = f"+{flag * 100:.0f}%" if flag == flag and flag != float("inf") else "n/a"
+    return f"{cv_s} / {flag_s}{star}"
+
+
 def results_table(records: list[tuple[str, dict]], published_path=None) -> list[str]:
     """The terminal table of this run's results, one line per case, then the published figures its cases
     match (:mod:`diffperf.published`), or why none applies."""
-    header = ("case", "median", "cv", "cold start", "compile", "peak mem", "img/s", "fidelity", "gate")
+    header = ("case", "median", "cv", "cold start", "compile", "peak mem", "img/s", "fidelity", "gate",
+              "run-to-run cv / flags from")
     rows = []
     for _nodeid, r in records:
         fid = r.get("fidelity") or {}
@@ -35,10 +48,12 @@ def results_table(records: list[tuple[str, dict]], published_path=None) -> list[
         rows.append((
             f"{r['framework']}-{r['device']}-{r['case']['id']}", _fmt_s(r["median_s"]), f"{r['cv'] * 100:.1f}%",
             _fmt_s(r["cold_start_s"]), _fmt_s(r.get("compile_s")), _fmt_bytes(r["peak_memory_bytes"].get("steady")),
-            f"{r['images_per_s']:.2f}", fid_s, gate,
+            f"{r['images_per_s']:.2f}", fid_s, gate, _drift(r.get("gate") or {}),
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
-    lines = [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+    out = [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+    if any(row[-1].endswith("*") for row in rows):
+        out.append("* baseline history under 3 runs: the verdict ignores between-run drift (within-run noise only)")
     measured = [(f"{r['framework']}-{r['device']}-{r['case']['id']}", r, r["median_s"]) for _n, r in records]
-    return lines + [""] + published.run_figures(measured, path=published_path).text_lines()
+    return out + [""] + published.run_figures(measured, path=published_path).text_lines()

@@ -167,3 +167,73 @@ def test_machine_reference_rescales_only_a_matching_workload(tmp_path, storage):
     assert "notes:" in cmp.render_table(rows, base, head) and "rescaled by 0.769" in cmp.render_markdown(rows, base, head)
     rows = cmp.compare(folder / "0001_run.json", folder / "0003_run.json", rescale=True)  # another torch build
     assert all(r.verdict == "regressed" and "not rescaled" in r.note for r in rows)
+
+
+def _history(tmp_path, storage, scales, add_noise=True):
+    """Saved runs 0001.. with the given scales (a drifting but level series plus the shifts asked for)."""
+    import random
+
+    base = json.loads(run_file(storage, "1").read_text())
+    root = tmp_path / "hist"
+    folder = root / "Linux-CPython-3.11-64bit"
+    folder.mkdir(parents=True)
+    rng = random.Random(7)
+    for i, scale in enumerate(scales):
+        data = json.loads(json.dumps(base))
+        data["commit_info"]["id"] = f"{i + 1:02d}" + "c" * 38
+        noise = rng.lognormvariate(0, 0.02) if add_noise else 1.0
+        for b in data["benchmarks"]:
+            b["extra_info"]["samples_s"] = [x * scale * noise for x in b["extra_info"]["samples_s"]]
+        (folder / f"{i + 1:04d}_run.json").write_text(json.dumps(data))
+    return root
+
+
+def test_trend_lists_change_points_with_commit_ranges_and_fails_on_a_slower_newest_segment(tmp_path, storage, capsys):
+    from diffperf.trend import main as trend_main
+
+    root = _history(tmp_path, storage, [1.0] * 8 + [1.3] * 6)
+    assert trend_main(["--storage", str(root), "--baselines-dir", str(tmp_path / "none")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("1 change point(s)") == 3
+    assert "between 0008@08cccccc and 0009@09cccccc (commits 08cccccc..09cccccc)" in out
+    assert "SLOWER: the newest segment is +30" in out
+    assert trend_main(["--storage", str(root), "--tolerance", "0.5", "--baselines-dir", str(tmp_path / "none")]) == 0
+
+
+def test_trend_passes_a_faster_newest_segment_and_a_level_series(tmp_path, storage, capsys):
+    from diffperf.trend import main as trend_main
+
+    faster = _history(tmp_path, storage, [1.3] * 7 + [1.0] * 7)
+    assert trend_main(["--storage", str(faster), "--baselines-dir", str(tmp_path / "none")]) == 0
+    assert "change point" in capsys.readouterr().out
+    (tmp_path / "level").mkdir()
+    level = _history(tmp_path / "level", storage, [1.0] * 14)
+    assert trend_main(["--storage", str(level), "--baselines-dir", str(tmp_path / "none")]) == 0
+    assert "no change point" in capsys.readouterr().out
+
+
+def test_trend_reads_baseline_histories_and_names_bad_input(tmp_path, capsys):
+    from diffperf.baselines import BaselineStore, baseline_path
+    from diffperf.trend import main as trend_main
+
+    store = BaselineStore.load(baseline_path(tmp_path, HW))
+    for i, m in enumerate([1.0, 1.01, 0.99, 1.0, 1.02, 1.4, 1.41, 1.39, 1.4]):
+        rec = {"samples_s": [m, m * 1.01, m * 0.99], "rounds": 3, "cv": 0.01}
+        store.append("t::a", rec, commit={"id": f"{i:02d}" + "b" * 38}, recorded_at=f"2026-01-{i + 1:02d}T00:00:00Z")
+    store.save()
+    assert trend_main(["--storage", str(tmp_path / "none"), "--baselines-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "commits 04bbbbbb..05bbbbbb" in out and f"baseline {baseline_path(tmp_path, HW)}" in out
+    baseline_path(tmp_path, HW).write_text("{")
+    assert trend_main(["--storage", str(tmp_path / "none"), "--baselines-dir", str(tmp_path)]) == 2
+    assert str(baseline_path(tmp_path, HW)) in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        trend_main(["--last", "2"])
+
+
+def test_trend_subcommand_of_the_module(tmp_path, storage):
+    root = _history(tmp_path, storage, [1.0] * 8 + [1.3] * 6)
+    proc = subprocess.run([sys.executable, "-m", "diffperf", "trend", "--storage", str(root), "--baselines-dir",
+                           str(tmp_path / "none")], capture_output=True, text=True, cwd=Path(cmp.__file__).parents[1])
+    assert proc.returncode == 1, proc.stderr
+    assert "08cccccc..09cccccc" in proc.stdout

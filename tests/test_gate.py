@@ -75,10 +75,12 @@ def test_required_rounds_grows_with_noise_and_respects_budget():
 
 
 def test_change_points_find_level_shifts_and_nothing_in_noise():
+    from diffperf.trend import change_points
+
     rng = np.random.default_rng(3)
     series = np.r_[rng.normal(1, 0.01, 15), rng.normal(1.2, 0.01, 15)]
-    assert stats.change_points(series) == [15]
-    assert stats.change_points(rng.normal(1, 0.01, 40)) == []
+    assert change_points(series) == [15]
+    assert change_points(rng.normal(1, 0.01, 40)) == []
 
 
 # ------------------------------------------------------------------------------------------- baselines
@@ -100,7 +102,7 @@ def test_store_update_keeps_other_entries_and_is_reviewable(tmp_path):
     again.put(make_entry("t::a", record([0.5, 0.6])))
     again.save()
     data = json.loads(path.read_text())
-    assert data[SCHEMA_KEY] == 1 and set(data["entries"]) == {"t::a", "t::b"}
+    assert data[SCHEMA_KEY] == 2 and set(data["entries"]) == {"t::a", "t::b"}
     assert data["entries"]["t::a"]["samples_s"] == [0.5, 0.6]
     assert make_entry("x", record([0.1234567891]))["samples_s"] == [0.123457]
     assert path.read_text() == json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -216,3 +218,217 @@ def test_reference_workload_rescales_a_slower_machine(tmp_path):
     out = gate.check("t::a", HW, busy)
     assert out.failed and out.info["machine_speed_factor"] == 1.0
     assert "not rescaled: the machine reference differs" in out.message
+
+
+# ------------------------------------------------------------------------------- history and between-run rule
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_every_committed_baseline_file_loads():
+    folder = REPO / "baselines"
+    assert (folder / "README.md").is_file()
+    for path in sorted(folder.glob("*.json")):
+        store = BaselineStore.load(path)
+        assert store.hardware_id == path.stem
+        for entry in store.entries.values():
+            assert entry["history"] and entry["history"][-1]["median_s"] > 0
+
+
+def _runs(tmp_path, medians, keep=10, rounds=12, cv=0.02):
+    """A baseline whose history holds one run per median (each with its commit), appended as the plugin does."""
+    store = BaselineStore.load(baseline_path(tmp_path, HW))
+    for i, m in enumerate(medians):
+        store.append("t::a", record(lognormal(rounds, m, cv=cv, seed=100 + i)), versions={"torch": "2.x"},
+                     commit={"id": f"{i:040x}"}, recorded_at=f"2026-01-{i + 1:02d}T00:00:00Z", keep=keep)
+    store.save()
+    return store
+
+
+def test_update_appends_to_the_history_and_keeps_the_last_k(tmp_path):
+    _runs(tmp_path, [1.0, 1.1, 0.9, 1.05, 1.2], keep=3)
+    entry = BaselineStore.load(baseline_path(tmp_path, HW)).get("t::a")
+    assert [h["commit"]["id"][-1] for h in entry["history"]] == ["2", "3", "4"]
+    assert all(h["versions"] == {"torch": "2.x"} and h["recorded_at"].startswith("2026-01-") for h in entry["history"])
+    assert entry["history"][-1]["median_s"] == entry["median_s"] and len(entry["samples_s"]) == 12
+    gate = Gate(GateSettings(baselines_dir=tmp_path, update=True, history=4))
+    gate.check("t::a", HW, record(lognormal(12, seed=7)))
+    gate.finish(versions={}, commit={"id": "f" * 40})
+    entry = BaselineStore.load(baseline_path(tmp_path, HW)).get("t::a")
+    assert len(entry["history"]) == 4 and entry["history"][-1]["commit"]["id"] == "f" * 40
+
+
+def test_schema_1_file_still_loads_as_a_history_of_one(tmp_path):
+    old = make_entry("t::a", record([1.0, 1.1, 0.9]), commit={"id": "abc"})
+    old = {k: v for k, v in old.items() if k != "history"} | {"schema": 1}
+    path = baseline_path(tmp_path, HW)
+    path.write_text(json.dumps({SCHEMA_KEY: 1, "hardware_id": HW, "entries": {"t::a": old}}))
+    entry = BaselineStore.load(path).get("t::a")
+    assert entry["schema"] == 2 and entry["history"] == [
+        {"median_s": 1.0, "rounds": 3, "cv": old["cv"], "reference_s": None, "reference_id": None,
+         "commit": {"id": "abc"}, "recorded_at": old["recorded_at"], "versions": {}}]
+    out = Gate(GateSettings(baselines_dir=tmp_path)).check("t::a", HW, record(lognormal(10)))
+    assert "ignores between-run drift" in out.message and out.info["history_runs"] == 1
+
+
+def test_history_length_zero_is_a_named_error(tmp_path):
+    from diffperf.plugin import parse_history
+
+    with pytest.raises(ValueError, match="baseline history length must be an integer >= 1, got 0"):
+        GateSettings(history=0)
+    with pytest.raises(__import__("argparse").ArgumentTypeError, match="--perf-baseline-history"):
+        parse_history("0")
+    store = _runs(tmp_path, [1.0, 1.0])
+    before = baseline_path(tmp_path, HW).read_text()
+    with pytest.raises(ValueError, match="history length"):
+        store.append("t::a", record([1.0]), keep=0)
+    assert baseline_path(tmp_path, HW).read_text() == before
+
+
+@pytest.mark.parametrize("item, problem", [
+    ({"median_s": -1, "rounds": 3}, "history[1]: 'median_s' must be a positive number"),
+    ({"median_s": 1.0, "rounds": 0}, "history[1]: 'rounds' must be a positive integer"),
+    ("1.0", "history[1] is a str"),
+    ({"median_s": 1.0, "rounds": 3, "commit": "abc"}, "history[1]: 'commit' must be an object"),
+])
+def test_corrupt_history_entry_is_named_and_nothing_is_overwritten(tmp_path, item, problem):
+    _runs(tmp_path, [1.0, 1.0, 1.0])
+    path = baseline_path(tmp_path, HW)
+    data = json.loads(path.read_text())
+    data["entries"]["t::a"]["history"][1] = item
+    path.write_text(json.dumps(data))
+    content = path.read_text()
+    with pytest.raises(BaselineError) as err:
+        BaselineStore.load(path)
+    assert str(path) in str(err.value) and "'t::a'" in str(err.value) and problem in str(err.value)
+    gate = Gate(GateSettings(baselines_dir=tmp_path, update=True))
+    assert gate.check("t::a", HW, record(lognormal(10))).failed
+    with pytest.raises(BaselineError):
+        gate.finish(versions={}, commit={})
+    assert path.read_text() == content
+
+
+def test_baseline_from_other_hardware_is_a_named_error_and_kept(tmp_path):
+    _runs(tmp_path, [1.0, 1.0, 1.0])
+    src = baseline_path(tmp_path, HW)
+    other = baseline_path(tmp_path, "cpu-4c-other-cpu")
+    other.write_text(src.read_text())  # copied from another machine
+    content = other.read_text()
+    gate = Gate(GateSettings(baselines_dir=tmp_path, update=True))
+    out = gate.check("t::a", "cpu-4c-other-cpu", record(lognormal(10)))
+    assert out.failed and f"recorded on hardware {HW!r}" in out.message and str(other) in out.message
+    with pytest.raises(BaselineError, match="recorded on hardware"):
+        gate.finish(versions={}, commit={})
+    assert other.read_text() == content
+
+
+def test_between_run_rule_absorbs_drift_the_history_shows(tmp_path):
+    drifting = [1.0, 1.25, 0.92, 1.15, 1.05, 0.97]  # a VM whose speed moves 5-35 % between runs
+    _runs(tmp_path, drifting)
+    gate = Gate(GateSettings(baselines_dir=tmp_path))
+    slow_day = gate.check("t::a", HW, record(lognormal(12, 1.3, cv=0.02, seed=9)))
+    assert not slow_day.failed and slow_day.verdict in ("unchanged", "inconclusive")
+    assert slow_day.info["gate_rule"] == "between-run" and slow_day.info["history_runs"] == 6
+    assert 0.08 < slow_day.info["between_run_cv"] < 0.2
+    flag = slow_day.info["min_flaggable_regression"]
+    assert flag > 0.3
+    assert f"between-run CV {slow_day.info['between_run_cv']:.1%}" in slow_day.message
+    assert f"smallest regression this baseline can flag at alpha 0.01: {flag:.1%}" in slow_day.message
+    center = slow_day.info["history_center_s"]
+    caught = gate.check("t::a", HW, record(lognormal(12, center * (1 + 2 * flag), cv=0.02, seed=10)))
+    assert caught.failed and caught.verdict == "regressed"
+    # The latest run alone (today's rule) would have flagged the slow day.
+    assert stats.compare_samples(lognormal(12, 1.3, cv=0.02, seed=9), lognormal(12, 0.97, cv=0.02, seed=105),
+                                 alpha=0.01).verdict == "regressed"
+
+
+def test_quiet_history_flags_a_small_regression_and_short_history_says_so(tmp_path):
+    _runs(tmp_path, [1.0, 1.01, 0.995, 1.005, 0.998])
+    gate = Gate(GateSettings(baselines_dir=tmp_path))
+    out = gate.check("t::a", HW, record(lognormal(12, 1.25, cv=0.02, seed=11)))
+    assert out.failed and out.info["min_flaggable_regression"] < 0.2
+    short = tmp_path / "short"
+    short.mkdir()
+    _runs(short, [1.0, 1.02])
+    out = Gate(GateSettings(baselines_dir=short)).check("t::a", HW, record(lognormal(12, cv=0.02, seed=12)))
+    assert out.info["gate_rule"] == "within-run" and out.info["between_run_cv"] is not None
+    assert "this verdict ignores between-run drift (baseline history of 2 run(s), 3 needed)" in out.message
+    assert "smallest regression this baseline can flag at alpha 0.01" in out.message
+
+
+def test_between_run_rule_false_alarms_and_power_on_synthetic_drift():
+    rng = np.random.default_rng(5)
+    alarms = hits = 0
+    for i in range(200):
+        history = np.exp(rng.normal(0, 0.12, 6)).tolist()  # 12 % between-run drift
+        head_scale = float(np.exp(rng.normal(0, 0.12)))
+        same = stats.compare_to_history(lognormal(12, head_scale, cv=0.02, seed=i), history, alpha=0.01)
+        alarms += same.verdict == "regressed"
+        slow = stats.compare_to_history(lognormal(12, head_scale * (1 + 2 * same.min_flaggable), cv=0.02, seed=i),
+                                        history, alpha=0.01)
+        hits += slow.verdict == "regressed"
+    assert alarms <= 4 and hits >= 170, (alarms, hits)
+    with pytest.raises(ValueError, match="needs at least 3"):
+        stats.compare_to_history([1.0, 1.1], [1.0, 1.0])
+
+
+def test_results_table_shows_between_run_cv_and_smallest_flaggable():
+    from diffperf.table import results_table
+
+    rec = {"framework": "torch", "device": "cpu", "case": {"id": "tiny-fp32"}, "median_s": 0.5, "cv": 0.02,
+           "cold_start_s": 1.0, "compile_s": None, "peak_memory_bytes": {"steady": 2**27}, "images_per_s": 2.0,
+           "gate": {"verdict": "unchanged", "between_run_cv": 0.081, "min_flaggable_regression": 0.42,
+                    "gate_rule": "between-run"}}
+    short = dict(rec, gate={"verdict": "unchanged", "between_run_cv": None, "min_flaggable_regression": 0.06,
+                            "gate_rule": "within-run"})
+    lines = results_table([("a", rec), ("b", short)])
+    assert "run-to-run cv / flags from" in lines[0]
+    assert "8.1% / +42%" in lines[2] and "? / +6%*" in lines[3] and "ignores between-run drift" in lines[-1]
+
+
+def test_fold_saved_runs_into_the_history(tmp_path):
+    from diffperf.baselines import fold_runs
+    from diffperf.baselines import main as baseline_main
+
+    runs = []
+    for i, scale in enumerate([1.0, 1.1, 0.95]):
+        rec = record(lognormal(8, scale, seed=i)) | {"hardware_id": HW}
+        data = {"machine_info": {"diffperf_versions": {"torch": "2.x"}}, "commit_info": {"id": f"{i:040x}"},
+                "datetime": f"2026-01-0{3 - i}T00:00:00.000000+00:00",
+                "benchmarks": [{"fullname": "t::a", "name": "a", "stats": {"median": scale}, "extra_info": rec}]}
+        p = tmp_path / f"000{i + 1}_calib.json"
+        p.write_text(json.dumps(data))
+        runs.append(p)
+    out = tmp_path / "baselines"
+    assert fold_runs(runs, out, keep=5) == [baseline_path(out, HW)]
+    entry = BaselineStore.load(baseline_path(out, HW)).get("t::a")
+    assert [h["commit"]["id"][-1] for h in entry["history"]] == ["2", "1", "0"]  # oldest first, by datetime
+    assert entry["history"][0]["versions"] == {"torch": "2.x"}
+    before = baseline_path(out, HW).read_text()
+    bad = tmp_path / "0009_bad.json"
+    bad.write_text("{")
+    assert baseline_main(["fold", str(runs[0]), str(bad), "--baselines-dir", str(out)]) == 2
+    assert baseline_path(out, HW).read_text() == before
+    with pytest.raises(SystemExit):
+        baseline_main(["fold", str(runs[0]), "--keep", "0", "--baselines-dir", str(out)])
+    assert baseline_main(["check", "--baselines-dir", str(out)]) == 0
+
+
+def test_update_baselines_appends_runs_and_the_table_shows_the_between_run_column(fake_suite):
+    """Three --perf-update-baselines runs make a history of 3; the next run is gated by the between-run rule."""
+    args = ["--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-sdpa", "-p", "no:randomly", "-m", "cpu",
+            "--perf-rounds", "5", "--perf-warmup-rounds", "0", "--perf-no-fidelity", "--perf-tolerance", "2"]
+    for i in range(3):
+        result = fake_suite.runpytest_subprocess(*args, "--perf-update-baselines", "--perf-baseline-history", "3")
+        result.assert_outcomes(passed=1, skipped=1)
+        result.stdout.fnmatch_lines(["*baselines written: *.json"])
+    (path,) = (fake_suite.path / "baselines").glob("*.json")
+    (entry,) = BaselineStore.load(path).entries.values()
+    assert len(entry["history"]) == 3 and entry["schema"] == 2
+    result = fake_suite.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*run-to-run cv / flags from*"])
+    assert "ignores between-run drift" not in result.stdout.str()
+    before = path.read_text()
+    result = fake_suite.runpytest_subprocess(*args, "--perf-update-baselines", "--perf-baseline-history", "0")
+    assert result.ret != 0 and path.read_text() == before

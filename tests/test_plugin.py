@@ -17,6 +17,7 @@ def test_help_lists_options_with_defaults(pytester: pytest.Pytester):
         "*Default: auto.",
         "*--perf-tolerance=FRACTION*",
         "*--perf-update-baselines*",
+        "*--perf-baseline-history=K*",
     ])
     text = result.stdout.str()
     for option in ("--perf-recipes", "--perf-steps", "--perf-batch-size", "--perf-weights", "--perf-rounds",
@@ -39,6 +40,7 @@ def test_help_lists_options_with_defaults(pytester: pytest.Pytester):
         (["--perf-weights", "/nonexistent/sdxl"], "*--perf-weights /nonexistent/sdxl: no such directory*"),
         (["--perf-malloc", "jemalloc"], "*unknown malloc mode 'jemalloc'; choose from steady, system*"),
         (["--perf-reference", "normalize"], "*unknown reference mode 'normalize'; choose from report, rescale, off*"),
+        (["--perf-baseline-history", "0"], "*--perf-baseline-history: baseline history length must be an integer >= 1, got '0'*"),
     ],
 )
 def test_bad_option_values_name_the_problem(fake_suite, args, message):

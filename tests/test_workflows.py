@@ -78,7 +78,9 @@ def test_nightly_workflow_structure():
     wf = load("nightly.yml")
     assert set(wf["on"]) == {"schedule", "workflow_dispatch"} and wf["on"]["schedule"][0]["cron"]
     assert wf["permissions"] == {"contents": "read", "actions": "read"}  # no write, no secrets
-    (job,) = wf["jobs"].values()
+    assert set(wf["jobs"]) == {"benchmarks", "refresh-baselines"}
+    job = wf["jobs"]["benchmarks"]
+    assert "permissions" not in job and "refresh_baselines" in job["if"]
     entries = job["strategy"]["matrix"]["include"]
     labels = {e["name"]: e["runner"] for e in entries}
     assert {"a100", "h100", "tpu-v5e"} <= set(labels)
@@ -92,6 +94,29 @@ def test_nightly_workflow_structure():
     cache = next(s for s in steps(job) if s.get("uses", "").startswith("actions/cache@"))
     assert cache["with"]["path"] == ".diffperf-cache"
     assert steps(job)[-1]["name"].startswith("Fail on a regression")
+
+
+def test_baseline_refresh_job_measures_updates_and_opens_a_pull_request():
+    wf = load("nightly.yml")
+    inputs = wf["on"]["workflow_dispatch"]["inputs"]
+    assert inputs["refresh_baselines"]["type"] == "boolean" and inputs["refresh_baselines"]["default"] is False
+    job = wf["jobs"]["refresh-baselines"]
+    assert "workflow_dispatch" in job["if"] and "inputs.refresh_baselines" in job["if"]
+    # Write permissions only here, and only what pushing a branch and opening a pull request needs.
+    assert job["permissions"] == {"contents": "write", "pull-requests": "write"}
+    assert all("permissions" not in j for name, j in wf["jobs"].items() if name != "refresh-baselines")
+    names = {e["name"]: e for e in job["strategy"]["matrix"]["include"]}
+    assert names["cpu"]["runner"] == ["ubuntu-latest"] and {"a100", "h100", "tpu-v5e"} <= set(names)
+    text = "\n".join(s.get("run", "") for s in steps(job))
+    assert "--perf-update-baselines" in text and "python -m diffperf baseline check" in text
+    assert "gh pr create" in text and "git add baselines/" in text and "--body-file" in text
+    assert "${{" not in text  # inputs reach the shell through env only (no template injection)
+    uses = {s["uses"].split("@")[0] for s in steps(job) if "uses" in s}
+    assert "actions/cache" not in uses and "actions/cache/restore" in uses  # never writes the shared cache
+    upload = next(s for s in steps(job) if s.get("uses", "").startswith("actions/upload-artifact@"))
+    assert "baselines/" in upload["with"]["path"] and ".benchmarks/" in upload["with"]["path"]
+    checkout = next(s for s in steps(job) if s.get("uses", "").startswith("actions/checkout@"))
+    assert checkout["with"]["persist-credentials"] is False
 
 
 def test_actions_are_pinned_to_commits():
