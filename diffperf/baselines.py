@@ -49,6 +49,14 @@ def baseline_path(root: str | os.PathLike[str], hardware_id: str) -> Path:
     return Path(root) / f"{hardware_id}.json"
 
 
+NOT_BASELINES = ("published.json",)  # the seeds' published figures live beside the baselines (diffperf.published)
+
+
+def baseline_files(root: str | os.PathLike[str]) -> list[Path]:
+    """The per-hardware baseline files under ``root`` (every ``*.json`` but :data:`NOT_BASELINES`)."""
+    return sorted(p for p in Path(root).glob("*.json") if p.name not in NOT_BASELINES)
+
+
 def round_sig(x: float, digits: int = 6) -> float:
     """``x`` rounded to ``digits`` significant digits (short, stable numbers in the JSON)."""
     if x == 0 or not math.isfinite(x):
@@ -336,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in fold_runs(a.runs, a.baselines_dir, a.keep):
                 print(f"baselines written: {path}")
             return 0
-        files = sorted(Path(a.baselines_dir).glob("*.json"))
+        files = baseline_files(a.baselines_dir)
         for path in files:
             store = BaselineStore.load(path)
             lengths = sorted({len(e["history"]) for e in store.entries.values()})
