@@ -15,9 +15,22 @@ def _fmt_s(x) -> str:
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
+def ab_cell(ab: dict | None) -> str:
+    """``verdict ratio [low, high] n=pairs`` of an A/B record (``-`` without one)."""
+    if not ab:
+        return "-"
+    if ab.get("verdict") == "error" or ab.get("ratio") is None:
+        return str(ab.get("verdict", "-"))
+    low, high = ab["ci"]
+    return f"{ab['verdict']} {ab['ratio']:.3f} [{low:.3f}, {high:.3f}] n={ab['pairs']}"
+
+
 def results_table(records: list[tuple[str, dict]]) -> list[str]:
     """The terminal table of this run's results, one line per case."""
     header = ("case", "median", "cv", "cold start", "compile", "peak mem", "img/s", "fidelity", "gate")
+    with_ab = any(r.get("ab") for _nodeid, r in records)
+    if with_ab:
+        header += ("A/B",)
     rows = []
     for _nodeid, r in records:
         fid = r.get("fidelity") or {}
@@ -33,7 +46,7 @@ def results_table(records: list[tuple[str, dict]]) -> list[str]:
             f"{r['framework']}-{r['device']}-{r['case']['id']}", _fmt_s(r["median_s"]), f"{r['cv'] * 100:.1f}%",
             _fmt_s(r["cold_start_s"]), _fmt_s(r.get("compile_s")), _fmt_bytes(r["peak_memory_bytes"].get("steady")),
             f"{r['images_per_s']:.2f}", fid_s, gate,
-        ))
+        ) + ((ab_cell(r.get("ab")),) if with_ab else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     return [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]

@@ -1,0 +1,304 @@
+"""Interleaved A/B (diffperf/ab.py, diffperf/ab_worker.py): statistics, pair orders, the worker, the plugin path.
+
+The end-to-end tests build a small git repository inside the pytester folder: a copy of this tree's
+``diffperf`` and ``pipelines`` whose torch builder is the fake builder of ``conftest.py`` (a fake
+asynchronous device), tagged and timed differently in its base commit and its head commit, so the base
+worker's imports are checked by behaviour as well as by file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffperf import ab
+from tests.conftest import FAKE_BUILDER, REPO
+
+RUN = ["test_perf.py", "-k", "latency", "--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-sdpa",
+       "--perf-no-fidelity", "--perf-reference", "off", "--perf-warmup-rounds", "1", "--perf-rounds", "12",
+       "--perf-max-time", "6", "-p", "no:randomly", "-p", "no:cacheprovider"]
+
+# The fake builder, plus a tag, a duration scale and failure hooks keyed by the tag.
+AB_BUILDER = FAKE_BUILDER + r'''
+BUILDER_TAG = "{tag}"
+SCALE = {scale}
+_calls = [0]
+_generate = FakeRunner.generate
+
+
+def _ab_generate(self):
+    _calls[0] += 1
+    mode = os.environ.get("FAKE_AB_FAIL_" + BUILDER_TAG, "")
+    if mode == "crash" and _calls[0] > 3:
+        os._exit(3)
+    if mode == "hang" and _calls[0] > 3:
+        time.sleep(3600)
+    self.duration = float(os.environ.get("FAKE_DURATION", "0.02")) * SCALE
+    return _generate(self)
+
+
+FakeRunner.generate = _ab_generate
+'''
+
+
+def _git(path: Path, *args: str) -> str:
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    return subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True, text=True, env=env).stdout
+
+
+def _worktrees(path: Path) -> list[str]:
+    return [ln for ln in _git(path, "worktree", "list", "--porcelain").splitlines() if ln.startswith("worktree ")]
+
+
+@pytest.fixture
+def ab_repo(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
+    """A git repo in the pytester folder: commit 1 is the base (builder tag "base", scale ``BASE_SCALE``),
+    the working tree and commit 2 the head (tag "head", scale 1.0); a commit 0 has no suite."""
+    root = pytester.path
+    _git(root, "init", "-q", "-b", "main")
+    (root / "README.txt").write_text("no suite yet\n")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "no suite")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "diffperf", root / "diffperf", ignore=ignore)
+    shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=ignore)
+    (root / "test_perf.py").write_text((REPO / "perf" / "test_pipelines.py").read_text())
+    pytester.makeini("[pytest]\naddopts = -p diffperf.plugin --strict-markers\n")
+    (root / ".gitignore").write_text(".benchmarks/\n.diffperf-cache/\n*.json\n*.jsonl\n__pycache__/\n")
+
+    def commit(tag: str, scale: float) -> None:
+        (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag=tag, scale=scale))
+        _git(root, "add", "-A")
+        _git(root, "commit", "-q", "-m", tag)
+
+    commit("base", 2.0)
+    commit("head", 1.0)
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    monkeypatch.setenv("FAKE_DURATION", "0.02")
+    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    return pytester
+
+
+def _bench(pytester: pytest.Pytester) -> dict:
+    data = json.loads((pytester.path / "out.json").read_text())
+    (bench,) = data["benchmarks"]
+    return bench
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics and pair orders (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def _pairs(ratio: float, n: int, noise: float, seed: int, drift: float = 0.3):
+    """Paired rounds: a machine speed drifting by ``drift`` over the run, ``noise`` per round, head = ratio x base."""
+    rng = np.random.default_rng(seed)
+    speed = 1 + drift * np.linspace(0, 1, n) ** 2
+    base = 0.1 * speed * np.exp(rng.normal(0, noise, n))
+    head = 0.1 * ratio * speed * np.exp(rng.normal(0, noise, n))
+    return list(head), list(base)
+
+
+@pytest.mark.parametrize("ratio, verdict", [(1.10, "regressed"), (0.90, "improved"), (1.0, "unchanged")])
+def test_known_ratio_gives_the_verdict(ratio, verdict):
+    for seed in range(5):
+        head, base = _pairs(ratio, 40, 0.02, seed)
+        cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
+        assert cmp.verdict == verdict, (seed, cmp)
+        assert cmp.ci_low <= cmp.ratio <= cmp.ci_high
+        assert abs(cmp.ratio / ratio - 1) < 0.03
+        assert cmp.min_detectable < 0.03
+        assert cmp.decided
+
+
+def test_drift_between_pairs_does_not_make_a_regression():
+    # The machine gets 30 % slower over the run: unpaired, the head's late rounds look slower than the
+    # base's early ones; paired, every ratio sees one machine speed and A/A stays "unchanged".
+    head, base = _pairs(1.0, 40, 0.01, 7, drift=0.3)
+    assert ab.paired_compare(head, base, tolerance=0.03, alpha=0.01).verdict == "unchanged"
+    from diffperf import stats
+
+    assert stats.compare_samples(head[20:], base[:20], tolerance=0.03, alpha=0.01).verdict == "regressed"
+
+
+def test_too_few_noisy_pairs_are_inconclusive_and_say_what_they_could_detect():
+    head, base = _pairs(1.0, 4, 0.10, 3)
+    cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
+    assert cmp.verdict == "inconclusive"
+    assert cmp.min_detectable > 0.03 and not cmp.decided
+    with pytest.raises(ValueError, match="differ in length"):
+        ab.paired_compare([1.0, 1.0], [1.0])
+
+
+def test_pair_orders_are_seeded_and_both_orders_occur():
+    a = ab.pair_orders(np.random.default_rng(ab.order_seed(0, "t::x")), 40)
+    b = ab.pair_orders(np.random.default_rng(ab.order_seed(0, "t::x")), 40)
+    c = ab.pair_orders(np.random.default_rng(ab.order_seed(1, "t::x")), 40)
+    assert a == b and a != c
+    assert set(a) == {"HB", "BH"}
+    assert 8 <= a.count("HB") <= 32
+
+
+def test_run_pairs_alternates_one_side_at_a_time_and_stops_when_decided():
+    log = []
+    rng = np.random.default_rng(0)
+
+    def side(name, scale):
+        def round_():
+            log.append(name)
+            return 0.1 * scale * float(np.exp(rng.normal(0, 0.005)))
+        return round_
+
+    res = ab.run_pairs(side("H", 1.2), side("B", 1.0), min_pairs=10, warmup_rounds=2, max_time_s=60, tolerance=0.03,
+                       alpha=0.01, seed=5)
+    assert log[:4] == ["H", "B", "H", "B"]  # warmup alternates
+    pairs = ["".join(log[4 + 2 * i: 6 + 2 * i]) for i in range(len(res.order))]
+    assert pairs == res.order and set(res.order) == {"HB", "BH"}
+    assert res.comparison.verdict == "regressed" and len(res.head) == len(res.base) == 10
+
+    log.clear()
+    res = ab.run_pairs(side("H", 1.0), side("B", 1.0), min_pairs=4, warmup_rounds=0, max_time_s=60, tolerance=0.03,
+                       alpha=0.01, seed=5)
+    assert res.comparison.decided and res.comparison.verdict == "unchanged" and len(res.head) > 4  # more pairs came
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker protocol
+# --------------------------------------------------------------------------------------------------
+
+
+def test_worker_protocol_and_import_isolation(ab_repo, tmp_path):
+    root = ab_repo.path
+    worktree = tmp_path / "base"
+    _git(root, "worktree", "add", "--detach", str(worktree), "HEAD~1")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    # The head's PYTHONPATH (the head tree) must not leak into the worker ahead of the base tree.
+    worker = ab.BaseWorker(sys.executable, worktree, scratch, timeout_s=60, env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        hello = worker.request("hello")
+        assert Path(hello["diffperf_file"]).resolve().is_relative_to(worktree.resolve())
+        assert Path(hello["pipelines_path"][0]).resolve().is_relative_to(worktree.resolve())
+        assert "numpy" in hello["versions"]
+        from diffperf.api import make_case
+
+        built = worker.request("build", case=make_case("fp32-sdpa", steps=2).as_dict())
+        assert Path(built["builder_file"]).resolve() == (worktree / "pipelines" / "torch_diffusers.py").resolve()
+        assert built["cold_start_s"] >= 0.03  # the base builder: 0.02 s x 2.0, synchronized
+        warm = worker.request("warm", rounds=2)["seconds"]
+        assert len(warm) == 2 and min(warm) >= 0.03
+        assert worker.request("round")["seconds"] >= 0.03
+        assert worker.request("stats")["steady_peak_bytes"] == 1 << 20
+        with pytest.raises(ab.AbWorkerError, match="unknown request 'dance'"):
+            worker.request("dance")
+        assert worker.request("round")["seconds"] > 0  # an error answer leaves the worker serving
+        worker.request("release")
+        with pytest.raises(ab.AbWorkerError, match="no case built"):
+            worker.request("round")
+    finally:
+        worker.close()
+    assert worker.proc.poll() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The plugin path, end to end
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "--benchmark-json", "out.json",
+                                          "--perf-journal", "journal.jsonl")
+    # Base builder is 2x slower: the head "improved", which the pairs show beyond doubt.
+    assert result.ret == 0, result.stdout.str()
+    rec = _bench(ab_repo)["extra_info"]
+    a = rec["ab"]
+    assert a["verdict"] == "improved" and 0.4 < a["ratio"] < 0.6
+    assert a["ci"][0] <= a["ratio"] <= a["ci"][1] and a["p"] < 0.01
+    assert a["pairs"] == len(a["order"]) == len(a["base_samples_s"]) == len(a["head_samples_s"]) >= 12
+    assert set(a["order"]) == {"HB", "BH"}
+    assert a["head_samples_s"] == rec["samples_s"] == _bench(ab_repo)["stats"]["data"]
+    assert a["base_commit"]["id"] == _git(ab_repo.path, "rev-parse", "HEAD~1").strip()
+    assert a["head_commit"]["id"] == _git(ab_repo.path, "rev-parse", "HEAD").strip()
+    assert "/base/" in a["base"]["builder_file"] and "diffperf-ab-" in a["base"]["builder_file"]
+    for side in ("head", "base"):
+        s = a[side]
+        assert s["versions"]["numpy"] and s["cold_start_s"] > 0 and s["peak_memory_bytes"]["steady"] == 1 << 20
+    assert a["memory_verdict"] == "unchanged"
+    assert min(a["base_samples_s"]) >= 0.035 and max(a["head_samples_s"]) < min(a["base_samples_s"])
+    result.stdout.fnmatch_lines(["*diffperf results*", "*A/B*", "*improved 0.5*"])
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+    assert (ab_repo.path / "journal.jsonl").is_file()
+
+
+def test_ab_regression_fails_the_test(ab_repo):
+    root = ab_repo.path
+    (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag="base", scale=0.7))
+    _git(root, "commit", "-qam", "fast base")
+    (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag="head", scale=1.0))
+    _git(root, "commit", "-qam", "slow head")
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "--benchmark-json", "out.json")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*A/B latency regressed*", "*A/B regressed: head/base ratio 1.4*"])
+    assert _bench(ab_repo)["extra_info"]["ab"]["verdict"] == "regressed"
+
+
+def test_python_option_alone_runs_the_head_tree_in_that_interpreter(ab_repo):
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-python", sys.executable, "--benchmark-json", "out.json")
+    assert result.ret == 0, result.stdout.str()
+    a = _bench(ab_repo)["extra_info"]["ab"]
+    assert a["verdict"] in ("unchanged", "inconclusive")  # A/A: the same tree on both sides
+    assert 0.85 < a["ratio"] < 1.15
+    assert a["base"]["python"] == sys.executable and a["base_commit"]["id"] == a["head_commit"]["id"]
+    assert Path(a["base"]["builder_file"]).resolve() == (ab_repo.path / "pipelines" / "torch_diffusers.py").resolve()
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("crash", "*A/B failed, head measured alone: A/B base worker*crashed (exit status 3) during 'round'*"),
+    ("hang", "*A/B failed, head measured alone: A/B base worker*did not answer 'round' within 3 s*"),
+])
+def test_base_worker_crash_or_hang_keeps_the_head_and_removes_the_worktree(ab_repo, monkeypatch, mode, message):
+    monkeypatch.setenv("FAKE_AB_FAIL_base", mode)
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "--perf-ab-timeout", "3",
+                                          "--benchmark-json", "out.json", "--perf-journal", "journal.jsonl")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([message])
+    bench = _bench(ab_repo)
+    assert bench["extra_info"]["ab"]["verdict"] == "error" and len(bench["stats"]["data"]) >= 12
+    lines = [json.loads(ln) for ln in (ab_repo.path / "journal.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "case" and e.get("benchmark") for e in lines)
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+    assert not any(p.name.startswith("diffperf-ab-") and (p / "base").exists() for p in Path(ab_repo.path).iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--perf-ab-base", "no-such-branch"], "*--perf-ab-base 'no-such-branch': unknown revision*"),
+    (["--perf-ab-base", "HEAD~2"], "*--perf-ab-base 'HEAD~2' (*): the revision has no diffperf suite (missing diffperf/harness.py*"),
+    (["--perf-ab-python", "/nonexistent/bin/python"], "*--perf-ab-python /nonexistent/bin/python: no such executable interpreter*"),
+    (["--perf-ab-timeout", "0"], "*seconds must be > 0*"),
+])
+def test_bad_ab_input_is_a_named_usage_error(ab_repo, args, message):
+    result = ab_repo.runpytest_subprocess(*RUN, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+
+
+def test_interpreter_without_the_stack_is_a_named_error(ab_repo, tmp_path):
+    # A Python with nothing installed: the worker cannot import numpy; the head is still measured and kept.
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-python", str(venv / "bin" / "python"),
+                                          "--benchmark-json", "out.json")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*A/B failed, head measured alone: the A/B base side (*bare/bin/python*) lacks the "
+                                 "torch stack for tiny-fp32-sdpa-bs1-*No module named*"])
+    assert _bench(ab_repo)["extra_info"]["ab"]["verdict"] == "error"
