@@ -243,6 +243,7 @@ class BaseWorker:
         # A session of its own: Ctrl-C at the terminal reaches the head, which then closes the worker.
         self.proc = subprocess.Popen([python, "-u", str(script)], cwd=str(self.tree), env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, start_new_session=True)
+        self.busy = False
         self._lines: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -265,6 +266,7 @@ class BaseWorker:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         if self.proc.poll() is not None:
             raise self._died(cmd)
+        self.busy = True  # until the answer comes: a worker interrupted mid-request is killed, not asked
         try:
             self.proc.stdin.write((json.dumps({"cmd": cmd, **kwargs}) + "\n").encode())
             self.proc.stdin.flush()
@@ -280,6 +282,7 @@ class BaseWorker:
         if line is None:
             self.proc.wait(timeout=30)
             raise self._died(cmd)
+        self.busy = False
         try:
             answer = json.loads(line)
         except json.JSONDecodeError:
@@ -306,7 +309,7 @@ class BaseWorker:
 
     def close(self) -> None:
         """Ask the worker to exit (a few seconds' grace), else kill it; idempotent."""
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and not self.busy:
             try:
                 self.request("close", timeout_s=30)
             except AbWorkerError:
@@ -648,7 +651,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
         head_peak = runner.memory.peak_bytes()
         base_stats = worker.request("stats")
     finally:
-        if worker.proc.poll() is None:
+        if worker.proc.poll() is None and not worker.busy:  # a worker interrupted mid-request is killed later
             try:
                 worker.request("release")
             except AbWorkerError:

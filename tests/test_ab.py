@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +304,47 @@ def test_interpreter_without_the_stack_is_a_named_error(ab_repo, tmp_path):
     result.stdout.fnmatch_lines(["*A/B failed, head measured alone: the A/B base side (*bare/bin/python*) lacks the "
                                  "torch stack for tiny-fp32-sdpa-bs1-*No module named*"])
     assert _bench(ab_repo)["extra_info"]["ab"]["verdict"] == "error"
+
+
+def test_ctrl_c_removes_the_worktree_and_stops_the_worker(ab_repo, tmp_path, monkeypatch):
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch_root))
+    monkeypatch.setenv("FAKE_AB_FAIL_base", "hang")
+    # SIGINT restored in the child: a process started from a non-interactive shell may inherit it ignored.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; "
+            "sys.exit(pytest.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, *RUN, "--perf-ab-base", "HEAD~1"], cwd=ab_repo.path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    logs: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list(scratch_root.glob("diffperf-ab-*/worker.log"))
+        if logs and "first call" in logs[0].read_text(errors="replace"):
+            break
+        time.sleep(0.2)
+    time.sleep(2.0)  # into the base worker's hanging round
+    assert proc.poll() is None, proc.communicate()[0]
+    worker_pids = _children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+    assert not list(scratch_root.glob("diffperf-ab-*"))
+    for pid in worker_pids:
+        assert not _alive(pid), f"worker {pid} still running"
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
