@@ -218,7 +218,7 @@ def test_worker_protocol_and_import_isolation(ab_repo, tmp_path):
 
 def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
     result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "--benchmark-json", "out.json",
-                                          "--perf-journal", "journal.jsonl")
+                                          "--perf-journal", "journal.jsonl", "--benchmark-save", "ab")
     # Base builder is 2x slower: the head "improved", which the pairs show beyond doubt.
     assert result.ret == 0, result.stdout.str()
     rec = _bench(ab_repo)["extra_info"]
@@ -239,6 +239,14 @@ def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
     result.stdout.fnmatch_lines(["*diffperf results*", "*A/B*", "*improved 0.5*"])
     assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
     assert (ab_repo.path / "journal.jsonl").is_file()
+
+    # python -m diffperf compare renders the saved A/B run on its own (terminal and markdown).
+    out = subprocess.run([sys.executable, "-m", "diffperf", "compare", "0001", "--storage", ".benchmarks",
+                          "--markdown", "ab.md"], cwd=ab_repo.path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "A/B: head" in out.stdout and "ratio [CI]" in out.stdout and "1 improved" in out.stdout
+    md = (ab_repo.path / "ab.md").read_text()
+    assert "### diffperf A/B" in md and ":green_circle: improved" in md
 
 
 def test_ab_regression_fails_the_test(ab_repo):
@@ -348,3 +356,27 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_compare_of_a_run_without_ab_is_a_named_error(fake_suite):
+    result = fake_suite.runpytest_subprocess("-k", "latency", "--perf-frameworks", "torch", "--perf-recipes",
+                                             "torch:fp32-sdpa", "--perf-no-fidelity", "--perf-rounds", "3",
+                                             "--perf-warmup-rounds", "0", "--benchmark-save", "plain")
+    assert result.ret == 0
+    out = subprocess.run([sys.executable, "-m", "diffperf", "compare", "0001", "--storage", ".benchmarks"],
+                         cwd=fake_suite.path, capture_output=True, text=True)
+    assert out.returncode == 2 and "carries no A/B results" in out.stderr
+
+
+def test_results_table_has_an_ab_column():
+    from diffperf.table import results_table
+
+    rec = {"framework": "torch", "device": "cpu", "case": {"id": "tiny-x"}, "median_s": 0.1, "cv": 0.01,
+           "cold_start_s": 0.2, "compile_s": None, "peak_memory_bytes": {"steady": 1 << 20}, "images_per_s": 10.0,
+           "fidelity": None, "gate": {"verdict": "no baseline"}}
+    assert "A/B" not in results_table([("t", rec)])[0]
+    lines = results_table([("t", rec | {"ab": {"verdict": "regressed", "ratio": 1.061, "ci": [1.05, 1.07],
+                                               "pairs": 24}}),
+                           ("u", rec | {"ab": {"verdict": "error", "error": "crashed"}})])
+    assert lines[0].split()[-1] == "A/B"
+    assert lines[2].endswith("regressed 1.061 [1.050, 1.070] n=24") and lines[3].rstrip().endswith("error")
