@@ -380,3 +380,21 @@ def test_results_table_has_an_ab_column():
                            ("u", rec | {"ab": {"verdict": "error", "error": "crashed"}})])
     assert lines[0].split()[-1] == "A/B"
     assert lines[2].endswith("regressed 1.061 [1.050, 1.070] n=24") and lines[3].rstrip().endswith("error")
+
+
+def test_ab_workflow_structure():
+    from tests.test_workflows import load, steps
+
+    wf = load("ab.yml")
+    assert set(wf["on"]) == {"pull_request", "workflow_dispatch"} and "labeled" in wf["on"]["pull_request"]["types"]
+    assert wf["permissions"] == {"contents": "read"}
+    (job,) = wf["jobs"].values()
+    assert "'perf'" in job["if"] and "head.repo.full_name == github.repository" in job["if"]
+    (entry,) = job["strategy"]["matrix"]["include"]
+    assert entry["runner"][0] == "self-hosted" and "gpu" in entry["runner"]
+    checkout = next(s for s in steps(job) if s.get("uses", "").startswith("actions/checkout@"))
+    assert checkout["with"] == {"fetch-depth": 0, "persist-credentials": False}
+    text = "\n".join(s.get("run", "") for s in steps(job))
+    assert '--perf-ab-base "$BASE_REV"' in text and "-m cuda" in text
+    assert "python -m diffperf compare ab/run.json --markdown" in text and "$GITHUB_STEP_SUMMARY" in text
+    assert "github.event.pull_request.base.sha" in job["env"]["BASE_REV"]
