@@ -469,8 +469,9 @@ class AbSession:
         """Build ``case`` in the worker; a device-memory failure becomes :class:`AbDoesNotFit`."""
         worker = self.start()
         try:
-            return worker.request("build", timeout_s=max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S),
-                                  case=case.as_dict())
+            with _progress(f"A/B base {case.id}: build and first call in the base worker"):
+                return worker.request("build", timeout_s=max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S),
+                                      case=case.as_dict())
         except AbWorkerError as exc:
             text = str(exc)
             if "ModuleNotFoundError" in text or "ImportError" in text:
