@@ -341,13 +341,15 @@ class AbSettings:
     base_sha: str | None = None  # resolved at configure time
     repo: Path | None = None
     suite_dir: str = ""  # the rootdir relative to the git top level
+    malloc: str = "steady"  # --perf-malloc, applied in the worker too
 
 
-def configure(rootdir: Path, base_rev: str | None, python: str | None, timeout_s: float, seed: int) -> AbSettings | None:
+def configure(rootdir: Path, base_rev: str | None, python: str | None, timeout_s: float, seed: int,
+              malloc: str = "steady") -> AbSettings | None:
     """Validate the A/B options up front (:class:`AbError` naming the bad one); ``None`` without A/B."""
     if base_rev is None and python is None:
         return None
-    s = AbSettings(Path(rootdir).resolve(), base_rev, python, timeout_s, seed)
+    s = AbSettings(Path(rootdir).resolve(), base_rev, python, timeout_s, seed, malloc=malloc)
     if python is not None:
         s.python = check_python(python)
     if base_rev is not None:
@@ -410,7 +412,8 @@ class AbSession:
                 self.worktree = worktree
             tree = self.worktree / s.suite_dir if s.suite_dir else self.worktree
         python = s.python or _head_python()
-        self.worker = BaseWorker(python, tree, self.scratch, s.timeout_s)
+        self.worker = BaseWorker(python, tree, self.scratch, s.timeout_s,
+                                 env=dict(os.environ, DIFFPERF_AB_MALLOC=s.malloc))
         try:
             self.hello = self.worker.request("hello", timeout_s=max(s.timeout_s, 120.0))
         except AbWorkerError as exc:

@@ -128,7 +128,7 @@ def make_ab(config: pytest.Config):
 
     try:
         settings = ab.configure(Path(config.rootpath), opt("perf_ab_base"), opt("perf_ab_python"),
-                                opt("perf_ab_timeout"), opt("perf_seed"))
+                                opt("perf_ab_timeout"), opt("perf_seed"), opt("perf_malloc"))
     except ab.AbError as exc:
         raise pytest.UsageError(str(exc)) from None
     return ab.AbSession(settings)
