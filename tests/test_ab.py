@@ -47,6 +47,13 @@ def _ab_generate(self):
 
 
 FakeRunner.generate = _ab_generate
+_build = build
+
+
+def build(case):
+    if os.environ.get("FAKE_AB_FAIL_" + BUILDER_TAG) == "oom":
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return _build(case)
 '''
 
 
@@ -217,17 +224,22 @@ def test_worker_protocol_and_import_isolation(ab_repo, tmp_path):
 
 
 def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
+    # Two cases: one worker and one worktree serve both (the base pipeline is released between them).
     result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "--benchmark-json", "out.json",
-                                          "--perf-journal", "journal.jsonl", "--benchmark-save", "ab")
+                                          "--perf-journal", "journal.jsonl", "--benchmark-save", "ab",
+                                          "--perf-recipes", "torch:fp32-sdpa,torch:fp32-classic")
     # Base builder is 2x slower: the head "improved", which the pairs show beyond doubt.
     assert result.ret == 0, result.stdout.str()
-    rec = _bench(ab_repo)["extra_info"]
+    benches = json.loads((ab_repo.path / "out.json").read_text())["benchmarks"]
+    assert len(benches) == 2 and all(b["extra_info"]["ab"]["verdict"] == "improved" for b in benches)
+    assert benches[0]["extra_info"]["ab"]["base"]["diffperf_file"] == benches[1]["extra_info"]["ab"]["base"]["diffperf_file"]
+    rec = next(b for b in benches if "sdpa" in b["name"])["extra_info"]
     a = rec["ab"]
     assert a["verdict"] == "improved" and 0.4 < a["ratio"] < 0.6
     assert a["ci"][0] <= a["ratio"] <= a["ci"][1] and a["p"] < 0.01
     assert a["pairs"] == len(a["order"]) == len(a["base_samples_s"]) == len(a["head_samples_s"]) >= 12
     assert set(a["order"]) == {"HB", "BH"}
-    assert a["head_samples_s"] == rec["samples_s"] == _bench(ab_repo)["stats"]["data"]
+    assert a["head_samples_s"] == rec["samples_s"] == next(b for b in benches if "sdpa" in b["name"])["stats"]["data"]
     assert a["base_commit"]["id"] == _git(ab_repo.path, "rev-parse", "HEAD~1").strip()
     assert a["head_commit"]["id"] == _git(ab_repo.path, "rev-parse", "HEAD").strip()
     assert "/base/" in a["base"]["builder_file"] and "diffperf-ab-" in a["base"]["builder_file"]
@@ -244,7 +256,7 @@ def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
     out = subprocess.run([sys.executable, "-m", "diffperf", "compare", "0001", "--storage", ".benchmarks",
                           "--markdown", "ab.md"], cwd=ab_repo.path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "A/B: head" in out.stdout and "ratio [CI]" in out.stdout and "1 improved" in out.stdout
+    assert "A/B: head" in out.stdout and "ratio [CI]" in out.stdout and "2 improved" in out.stdout
     md = (ab_repo.path / "ab.md").read_text()
     assert "### diffperf A/B" in md and ":green_circle: improved" in md
 
@@ -398,3 +410,24 @@ def test_ab_workflow_structure():
     assert '--perf-ab-base "$BASE_REV"' in text and "-m cuda" in text
     assert "python -m diffperf compare ab/run.json --markdown" in text and "$GITHUB_STEP_SUMMARY" in text
     assert "github.event.pull_request.base.sha" in job["env"]["BASE_REV"]
+
+
+def test_a_case_whose_two_sides_do_not_fit_is_skipped_with_the_reason(ab_repo, monkeypatch):
+    monkeypatch.setenv("FAKE_AB_FAIL_base", "oom")
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "-rs")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*SKIPPED*the base side of tiny-fp32-sdpa-* does not fit on the device next to the "
+                                 "head's pipeline: *CUDA out of memory*"])
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+
+
+def test_check_fits_compares_free_gpu_memory_with_the_heads_peak(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from diffperf.api import make_case
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (3 << 30, 80 << 30))
+    case = make_case("bf16-sdpa", device="cuda")
+    ab.check_fits(case, 2 << 30)  # 2 GiB more fit in 3 GiB free
+    with pytest.raises(ab.AbDoesNotFit, match=r"do not fit on the GPU together: .* peaked at 4.0 GiB, 3.0 GiB free"):
+        ab.check_fits(case, 4 << 30)
+    ab.check_fits(make_case("bf16-sdpa", device="cpu"), 4 << 30)  # CPU cases are not checked
