@@ -434,13 +434,13 @@ class AbSession:
         wrong = [f for f in files if not f or not Path(f).resolve().is_relative_to(tree)]
         if wrong:
             raise AbError(f"A/B base worker imported {', '.join(map(str, wrong))} instead of the base tree {tree}: "
-                          f"an installed diffperf shadows it (install the suite editable, or run from a plain checkout)")
+                          f"something on that interpreter's path (a .pth file, sitecustomize) puts another diffperf first")
 
     def _install_cleanup(self) -> None:
         atexit.register(self.close)
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             def on_term(signum, frame):
-                raise SystemExit(128 + signum)  # unwinds through pytest's finalizers and sessionfinish -> close()
+                raise KeyboardInterrupt  # pytest stops the session as on Ctrl-C: sessionfinish -> close()
 
             self._old_sigterm = signal.signal(signal.SIGTERM, on_term)
 

@@ -326,7 +326,8 @@ def test_interpreter_without_the_stack_is_a_named_error(ab_repo, tmp_path):
     assert _bench(ab_repo)["extra_info"]["ab"]["verdict"] == "error"
 
 
-def test_ctrl_c_removes_the_worktree_and_stops_the_worker(ab_repo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_removes_the_worktree_and_stops_the_worker(ab_repo, tmp_path, monkeypatch, sig):
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch_root))
@@ -346,7 +347,7 @@ def test_ctrl_c_removes_the_worktree_and_stops_the_worker(ab_repo, tmp_path, mon
     time.sleep(2.0)  # into the base worker's hanging round
     assert proc.poll() is None, proc.communicate()[0]
     worker_pids = _children(proc.pid)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
     assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
