@@ -432,3 +432,45 @@ def test_check_fits_compares_free_gpu_memory_with_the_heads_peak(monkeypatch):
     with pytest.raises(ab.AbDoesNotFit, match=r"do not fit on the GPU together: .* peaked at 4.0 GiB, 3.0 GiB free"):
         ab.check_fits(case, 4 << 30)
     ab.check_fits(make_case("bf16-sdpa", device="cpu"), 4 << 30)  # CPU cases are not checked
+
+
+@pytest.mark.parametrize("code_slower, expected, status", [(True, "confirmed", 1), (False, "machine drift", 0)])
+def test_confirm_remeasures_gate_flags_as_ab(ab_repo, monkeypatch, code_slower, expected, status):
+    root = ab_repo.path
+    base = ["--perf-baselines-dir", str(root / "bl")]
+    result = ab_repo.runpytest_subprocess(*RUN, *base, "--perf-update-baselines")
+    assert result.ret == 0
+    baseline_commit = _git(root, "rev-parse", "HEAD").strip()
+    if code_slower:  # a real regression: the next commit's builder is 40 % slower
+        (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag="head", scale=1.4))
+        _git(root, "commit", "-qam", "slower")
+    else:  # the same code on a machine that became 40 % slower
+        monkeypatch.setenv("FAKE_DURATION", "0.028")
+    result = ab_repo.runpytest_subprocess(*RUN, *base, "--benchmark-json", "flagged.json")
+    assert result.ret == 1
+    gate = _bench_of(root / "flagged.json")["extra_info"]["gate"]
+    assert gate["verdict"] == "regressed" and gate["baseline_commit"] == baseline_commit
+    out = subprocess.run([sys.executable, "-m", "diffperf", "confirm", "flagged.json", "--markdown", "confirm.md", "--",
+                          *RUN, *base], cwd=root, capture_output=True, text=True)
+    assert out.returncode == status, out.stdout + out.stderr
+    assert f"1 gate flag(s): {int(code_slower)} confirmed by A/B, {int(not code_slower)} machine drift" in out.stdout
+    assert expected in out.stdout and baseline_commit[:12] in out.stdout
+    assert "### diffperf: gate flags re-measured as A/B" in (root / "confirm.md").read_text()
+    assert _worktrees(root) == [f"worktree {root}"]
+
+
+def _bench_of(path: Path) -> dict:
+    (bench,) = json.loads(path.read_text())["benchmarks"]
+    return bench
+
+
+def test_nightly_confirms_gate_flags_by_ab():
+    from tests.test_workflows import load, steps
+
+    (job,) = load("nightly.yml")["jobs"].values()
+    checkout = next(s for s in steps(job) if s.get("uses", "").startswith("actions/checkout@"))
+    assert checkout["with"]["fetch-depth"] == 0
+    confirm = next(s for s in steps(job) if s.get("id") == "confirm")
+    assert "python -m diffperf confirm nightly/run.json" in confirm["run"] and "$GITHUB_STEP_SUMMARY" in confirm["run"]
+    fail = steps(job)[-1]
+    assert "CONFIRM_STATUS" in fail["env"] and 'if [ "$CONFIRM_STATUS" = "1" ]' in fail["run"]
