@@ -667,7 +667,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     head_side = {"versions": software_versions(), "python": _head_python(), "cold_start_s": prepared.cold_start_s,
                  "build_s": prepared.build_s, "compile_s": rec.get("compile_s"),
                  "peak_memory_bytes": rec["peak_memory_bytes"], "memory_kind": rec.get("memory_kind"),
-                 "warmup_s": head_warm}
+                 "warmup_s": head_warm, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     hello = ab.hello or {}
     base_side = {"versions": hello.get("versions"), "python": hello.get("python"),
                  "cold_start_s": base_built.get("cold_start_s"), "build_s": base_built.get("build_s"),
@@ -675,6 +675,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                  "peak_memory_bytes": {"cold": base_built.get("cold_peak_bytes"),
                                        "steady": base_stats.get("steady_peak_bytes")},
                  "memory_kind": base_stats.get("memory_kind"), "warmup_s": base_warm,
+                 "cuda_visible_devices": hello.get("cuda_visible_devices"),
                  "diffperf_file": hello.get("diffperf_file"), "builder_file": base_built.get("builder_file")}
     cmp = res.comparison
     outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance)

@@ -56,7 +56,8 @@ class Worker:
         except ImportError:  # pragma: no cover - a very old base tree
             versions = {}
         return {"python": sys.executable, "version": sys.version.split()[0], "pid": os.getpid(), "cwd": os.getcwd(),
-                "diffperf_file": diffperf.__file__, "pipelines_path": list(pipelines.__path__), "versions": versions}
+                "diffperf_file": diffperf.__file__, "pipelines_path": list(pipelines.__path__), "versions": versions,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def build(self, req: dict) -> dict:
         import importlib

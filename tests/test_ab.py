@@ -474,3 +474,16 @@ def test_nightly_confirms_gate_flags_by_ab():
     assert "python -m diffperf confirm nightly/run.json" in confirm["run"] and "$GITHUB_STEP_SUMMARY" in confirm["run"]
     fail = steps(job)[-1]
     assert "CONFIRM_STATUS" in fail["env"] and 'if [ "$CONFIRM_STATUS" = "1" ]' in fail["run"]
+
+
+def test_launcher_pins_both_sides_of_a_case_to_its_workers_gpu(ab_repo):
+    out = subprocess.run([sys.executable, "-m", "diffperf", "launch", "--devices", "3,5", "--isolate", "case",
+                          "--json", "merged.json", "--", *RUN, "--perf-recipes", "torch:fp32-sdpa,torch:fp32-classic",
+                          "--perf-ab-base", "HEAD~1"], cwd=ab_repo.path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    benches = json.loads((ab_repo.path / "merged.json").read_text())["benchmarks"]
+    pins = [(b["extra_info"]["ab"]["head"]["cuda_visible_devices"], b["extra_info"]["ab"]["base"]["cuda_visible_devices"])
+            for b in benches]
+    assert len(pins) == 2 and all(h == b for h, b in pins) and {h for h, _ in pins} == {"3", "5"}
+    assert all(b["extra_info"]["ab"]["verdict"] == "improved" for b in benches)
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
