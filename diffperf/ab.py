@@ -675,7 +675,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                  "peak_memory_bytes": {"cold": base_built.get("cold_peak_bytes"),
                                        "steady": base_stats.get("steady_peak_bytes")},
                  "memory_kind": base_stats.get("memory_kind"), "warmup_s": base_warm,
-                 "cuda_visible_devices": hello.get("cuda_visible_devices"),
+                 "cuda_visible_devices": hello.get("cuda_visible_devices"), "device_env": hello.get("device_env"),
                  "diffperf_file": hello.get("diffperf_file"), "builder_file": base_built.get("builder_file")}
     cmp = res.comparison
     outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance)

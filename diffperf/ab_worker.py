@@ -26,6 +26,10 @@ import sys
 import traceback
 
 
+# The device-sharing settings the head's plugin put in the environment (inherited by this worker).
+DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_PREALLOCATE", "TF_FORCE_GPU_ALLOW_GROWTH", "TF_XLA_FLAGS")
+
+
 def _case(d: dict):
     from diffperf.cases import Case, resolve_recipes
 
@@ -57,7 +61,8 @@ class Worker:
             versions = {}
         return {"python": sys.executable, "version": sys.version.split()[0], "pid": os.getpid(), "cwd": os.getcwd(),
                 "diffperf_file": diffperf.__file__, "pipelines_path": list(pipelines.__path__), "versions": versions,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "device_env": {k: os.environ.get(k) for k in DEVICE_ENV}}
 
     def build(self, req: dict) -> dict:
         import importlib

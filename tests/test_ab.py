@@ -247,6 +247,9 @@ def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
         s = a[side]
         assert s["versions"]["numpy"] and s["cold_start_s"] > 0 and s["peak_memory_bytes"]["steady"] == 1 << 20
     assert a["memory_verdict"] == "unchanged"
+    # The plugin's device-sharing settings reach the base worker too.
+    assert a["base"]["device_env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert a["base"]["device_env"]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
     assert min(a["base_samples_s"]) >= 0.035 and max(a["head_samples_s"]) < min(a["base_samples_s"])
     result.stdout.fnmatch_lines(["*diffperf results*", "*A/B*", "*improved 0.5*"])
     assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
