@@ -122,8 +122,8 @@ def table(report: dict) -> str:
                          c.get("regressed", 0), c.get("unchanged", 0), c.get("inconclusive", 0), c.get("improved", 0),
                          sum(v for k, v in c.items() if k not in ("regressed", "unchanged", "inconclusive", "improved"))))
     header = ("runs", "judge", "verdicts", "regressed", "unchanged", "inconclusive", "improved", "other")
-    lines = ["  ".join(f"{h:>12}" for h in header)]
-    lines += ["  ".join(f"{x:>12}" for x in row) for row in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header, *rows]]
     walls = [r["wall_s"] for r in report["runs"]]
     if walls and report.get("baseline_wall_s"):
         lines.append(f"wall time: plain run {report['baseline_wall_s']:.0f} s, A/B runs median "
