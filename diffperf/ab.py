@@ -652,7 +652,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
         with _progress(f"{case.id}: A/B pairs (head and base in random order)"):
             res = run_pairs(head_round, base_round, min_pairs=rounds, warmup_rounds=0, max_time_s=max_time_s,
                             tolerance=tolerance, alpha=alpha, seed=seed)
-        head_peak = runner.memory.peak_bytes()
+        head_peak, head_kind = runner.memory.peak_bytes(), runner.memory.kind
         base_stats = worker.request("stats")
     finally:
         if worker.proc.poll() is None and not worker.busy:  # a worker interrupted mid-request is killed later
@@ -663,7 +663,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     if benchmark is not None:
         _record_rounds(benchmark, res.head)
     breakdowns = [runner.generate_instrumented()[1].as_dict() for _ in range(breakdown_rounds)]
-    rec = harness.record(prepared, res.head, head_peak, breakdowns)
+    rec = harness.record(prepared, res.head, head_peak, breakdowns, steady_memory_kind=head_kind)
     head_side = {"versions": software_versions(), "python": _head_python(), "cold_start_s": prepared.cold_start_s,
                  "build_s": prepared.build_s, "compile_s": rec.get("compile_s"),
                  "peak_memory_bytes": rec["peak_memory_bytes"], "memory_kind": rec.get("memory_kind"),

@@ -15,14 +15,15 @@ from diffperf.presets import get_preset
 
 def make_case(recipe: str, *, framework: str = "torch", preset: str = "tiny", device: str = "cpu",
               steps: int | None = None, batch_size: int = 1, height: int | None = None, width: int | None = None,
-              seed: int = 0, weights: str | None = None) -> Case:
+              seed: int = 0, weights: str | None = None, guidance_scale: float | None = None,
+              negative_prompt: str | None = None) -> Case:
     """A :class:`~diffperf.cases.Case` from a recipe tag or single-recipe name."""
     recipes = resolve_recipes(framework, [recipe])
     if len(recipes) != 1:
         raise ValueError(f"{recipe!r} names {len(recipes)} recipes; pass one tag (e.g. {recipes[0].tag()!r})")
     return Case(framework=framework, recipe=recipes[0], preset=preset, device=device,
                 steps=steps or get_preset(preset).default_steps, batch_size=batch_size, height=height,
-                width=width, seed=seed, weights=weights)
+                width=width, seed=seed, weights=weights, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
 
 
 def build_pipeline(recipe: str | Case, **kwargs):

@@ -77,6 +77,7 @@ def make_entry(test_id: str, record: dict, versions: dict | None = None, commit:
         "peak_memory_bytes": int(steady) if steady is not None else None,
         "memory_kind": record.get("memory_kind"),
         "compile_s": round_sig(float(compile_s)) if compile_s is not None else None,
+        "compile_kind": record.get("compile_kind"),
         "reference_s": round_sig(float(record["reference_s"])) if record.get("reference_s") else None,
         "reference_id": record.get("reference_id") if record.get("reference_s") else None,
         "versions": dict(versions or {}),

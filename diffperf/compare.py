@@ -297,8 +297,15 @@ def render_table(rows: Sequence[Row], base: SavedRun, head: SavedRun) -> str:
     out = [f"base {base.label} ({base.path})", f"head {head.label} ({head.path})", ""]
     for line in [HEADER, ["-" * w for w in widths], *body]:
         out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
-    out += ["", summary_line(rows), *_notes(rows)]
+    out += ["", summary_line(rows), *_notes(rows), "", *_published(head).text_lines()]
     return "\n".join(out)
+
+
+def _published(head: SavedRun):
+    """Head's cases beside the seeds' published figures (:mod:`diffperf.published`; context, not a verdict)."""
+    from diffperf import published
+
+    return published.run_figures(published.saved_run_records(head.data), head.machine_info, f"head {head.label}")
 
 
 def _notes(rows: Sequence[Row], quote: str = "") -> list[str]:
@@ -322,6 +329,7 @@ def render_markdown(rows: Sequence[Row], base: SavedRun, head: SavedRun) -> str:
     out += ["", "ratio = head median / base median with its 95% bootstrap interval; p = one-sided Mann-Whitney U; "
             "memory and compile = relative change of peak memory and compile seconds (`!` beyond tolerance)."]
     out += _notes(rows, quote="`")
+    out += _published(head).markdown_lines()
     return "\n".join(out) + "\n"
 
 
@@ -335,48 +343,83 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
-def _ladders(run: SavedRun) -> dict[str, list[tuple[str, float]]]:
-    out: dict[str, list[tuple[str, float]]] = {}
+def _framework_of(rec: dict) -> str:
+    case = rec.get("case") or {}
+    return str(rec.get("framework") or case.get("framework") or (rec.get("ladder") or "").split(":")[0])
+
+
+def recipe_order(framework: str, device: str | None, tags: Sequence[str]) -> list[str]:
+    """``tags`` in the order their framework lists them: the ladder, else the device's default set, else the
+    first named set (``FrameworkSpec.named``) holding them all; tags in no set keep their order, last."""
+    tags = list(dict.fromkeys(tags))
+    try:
+        from diffperf.cases import framework_spec
+
+        spec = framework_spec(framework)
+    except Exception:  # noqa: BLE001 - an unknown framework (or a run saved elsewhere): keep the run's order
+        return tags
+    named = {name: [r.tag() for r in recipes] for name, recipes in spec.named.items()}
+    default = spec.default if isinstance(spec.default, str) else spec.default.get(device or "")
+    for name in dict.fromkeys(["ladder", default, *named]):
+        if name in named and set(tags) <= set(named[name]):
+            return sorted(tags, key=named[name].index)
+    known = list(dict.fromkeys(t for recipes in named.values() for t in recipes))
+    return sorted(tags, key=lambda t: (known.index(t) if t in known else len(known) + tags.index(t)))
+
+
+def _ladders(run: SavedRun) -> dict[tuple, dict[str, float]]:
+    """Every measured case by framework and conditions: ``{(framework, preset, device, size): {recipe: median}}``."""
+    out: dict[tuple, dict[str, float]] = {}
     for b in run.data["benchmarks"]:
         rec = _record(b)
-        if rec.get("ladder"):
-            step = rec.get("ladder_step") or (rec.get("case") or {}).get("recipe") or b["name"]
-            case = rec.get("case") or {}
-            key = " ".join(str(x) for x in (rec["ladder"], case.get("preset"), case.get("device") or rec.get("device"))
-                           if x)
-            out.setdefault(key, []).append((str(step), median_of(b)))
+        if not rec:
+            continue
+        case = rec.get("case") or {}
+        size = (f"{case['height']}x{case['width']}, batch {case.get('batch_size')}, {case.get('steps')} steps"
+                if case.get("height") else None)
+        key = (_framework_of(rec), case.get("preset"), case.get("device") or rec.get("device"), size)
+        out.setdefault(key, {})[str(case.get("recipe") or b["name"])] = median_of(b)
     return out
 
 
 def ladder_figures(base: SavedRun, head: SavedRun) -> list[str]:
-    """One bar chart per ladder: median latency per step, base and head side by side, speedups annotated."""
+    """One bar chart per framework and conditions: every measured recipe, labelled by its tag, in its
+    ladder's (or recipe set's) order, base and head side by side, head's speed-up over the first bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figs = []
-    lb = _ladders(base)
-    for name, steps in _ladders(head).items():
-        base_by = dict(lb.get(name, []))
-        labels = [s for s, _ in steps]
+    lb, lh = _ladders(base), _ladders(head)
+    for key in dict.fromkeys([*lh, *lb]):
+        base_by, head_by = lb.get(key, {}), lh.get(key, {})
+        labels = recipe_order(key[0], key[2], [*head_by, *base_by])
         x = stats.np.arange(len(labels))
         fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(labels)), 3.6))
-        hv = [v for _, v in steps]
-        if base_by:
-            ax.bar(x - 0.2, [base_by.get(s, float("nan")) for s in labels], 0.4, label=f"base {base.label}", color="#bbbbbb")
-            bars = ax.bar(x + 0.2, hv, 0.4, label=f"head {head.label}", color="#4c72b0")
+        nan = float("nan")
+        hv = [head_by.get(s, nan) for s in labels]
+        bv = [base_by.get(s, nan) for s in labels]
+        shown, shown_label = (hv, f"head {head.label}") if head_by else (bv, f"base {base.label}")
+        if base_by and head_by:
+            ax.bar(x - 0.2, bv, 0.4, label=f"base {base.label}", color="#bbbbbb")
+            bars = ax.bar(x + 0.2, hv, 0.4, label=shown_label, color="#4c72b0")
         else:
-            bars = ax.bar(x, hv, 0.6, label=f"head {head.label}", color="#4c72b0")
-        for bar, v in zip(bars, hv):
-            ax.annotate(f"{v:.3g}s\n{hv[0] / v:.2f}x", (bar.get_x() + bar.get_width() / 2, v), ha="center",
-                        va="bottom", fontsize=8)
+            bars = ax.bar(x, shown, 0.6, label=shown_label, color="#4c72b0")
+        first_at = next(i for i, v in enumerate(shown) if v == v)
+        first = shown[first_at]
+        for bar, v in zip(bars, shown):
+            if v == v:
+                ax.annotate(f"{v:.3g}s\n{first / v:.2f}x", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                            va="bottom", fontsize=8)
         ax.set_xticks(x, labels, rotation=20, ha="right")
         ax.set_ylabel("median latency (s)")
-        ax.set_title(f"optimization ladder {name}")
-        ax.legend(fontsize=8)
-        ax.margins(y=0.2)
-        figs.append(_svg(fig))
+        ax.set_title("optimization ladder: " + ", ".join(str(k) for k in key if k), fontsize=10)
+        ax.legend(fontsize=8, title=f"bar labels: {shown_label.split()[0]} median,\nspeed-up over {labels[first_at]}",
+                  title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the bars
+        ax.margins(y=0.25)
+        with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays <text>: readable, searchable, testable
+            figs.append(_svg(fig))
     return figs
 
 
@@ -429,6 +472,7 @@ def render_html(rows: Sequence[Row], base: SavedRun, head: SavedRun, trend_runs:
         f"<p>base: {e(str(base.path))} ({e(str(base.data.get('datetime', '')))})<br>"
         f"head: {e(str(head.path))} ({e(str(head.data.get('datetime', '')))})</p>",
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEADER) + f"</tr>\n{trs}</table>",
+        _published(head).html_section(),
     ]
     ladders = ladder_figures(base, head)
     if ladders:

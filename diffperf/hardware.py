@@ -42,17 +42,26 @@ def software_versions() -> dict[str, str | None]:
 
 @functools.lru_cache(maxsize=None)
 def nvidia_gpus() -> tuple[dict, ...]:
-    """GPUs reported by ``nvidia-smi`` (name, memory, driver); empty when there is none."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
+    """GPUs reported by ``nvidia-smi`` (name, memory, driver); empty when there is none.
+
+    ``DIFFPERF_FAKE_GPUS=N`` (tests only) reports N fake GPUs instead, filtered by ``CUDA_VISIBLE_DEVICES``
+    like real ones.
+    """
+    fake = os.environ.get("DIFFPERF_FAKE_GPUS", "").strip()
+    if fake:
+        if not fake.isdigit():
+            raise ValueError(f"DIFFPERF_FAKE_GPUS must be a number of fake GPUs, got {fake!r}")
+        out = "Fake GPU, 1024, fake\n" * int(fake)
+    elif (exe := shutil.which("nvidia-smi")) is None:
         return ()
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
+    else:
+        try:
+            out = subprocess.run(
+                [exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ()
     gpus = []
     for line in out.strip().splitlines():
         name, mem, driver = (x.strip() for x in line.split(","))
@@ -65,9 +74,65 @@ def nvidia_gpus() -> tuple[dict, ...]:
 
 
 @functools.lru_cache(maxsize=None)
+def _nvidia_smi_capabilities() -> tuple[tuple[int, int], ...]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return ()
+    try:
+        out = subprocess.run([exe, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    caps = []
+    for line in out.strip().splitlines():
+        major, _, minor = line.strip().partition(".")
+        if major.isdigit() and minor.isdigit():
+            caps.append((int(major), int(minor)))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        idx = [int(i) for i in visible.split(",") if i.strip().isdigit()]
+        caps = [c for i, c in enumerate(caps) if i in idx]
+    return tuple(caps)
+
+
+def cuda_compute_capability() -> tuple[int, int] | None:
+    """The lowest compute capability of the visible GPUs (``(8, 0)`` on an A100), or ``None`` when unknown.
+
+    ``DIFFPERF_FAKE_CUDA_CAPABILITY=8.0`` fakes it (tests, or a machine whose nvidia-smi lacks the query).
+    """
+    fake = os.environ.get("DIFFPERF_FAKE_CUDA_CAPABILITY")
+    if fake:
+        major, _, minor = fake.strip().partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            raise ValueError(f"DIFFPERF_FAKE_CUDA_CAPABILITY={fake!r}: expected MAJOR.MINOR, e.g. 8.9")
+        return int(major), int(minor)
+    caps = _nvidia_smi_capabilities()
+    return min(caps) if caps else None
+
+
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_skip_reason(capability: tuple[int, int] | None = None) -> str | None:
+    """Why float8 kernels cannot run on this GPU (``capability``, else :func:`cuda_compute_capability`), or ``None``.
+
+    ``None`` too when the capability is unknown; the torch builder asks again with torch's own reading.
+    """
+    cap = capability if capability is not None else cuda_compute_capability()
+    if cap is None or tuple(cap) >= FP8_MIN_CAPABILITY:
+        return None
+    need = ".".join(map(str, FP8_MIN_CAPABILITY))
+    return (f"float8 dynamic quantization needs a GPU with compute capability >= {need} (Ada/Hopper); "
+            f"this one is {cap[0]}.{cap[1]} (torchao asserts CUDA>=8.9)")
+
+
+@functools.lru_cache(maxsize=None)
 def tpu_type() -> str | None:
-    """The TPU accelerator type of a TPU VM (``v5litepod-8``...), from the environment or device files."""
-    for var in ("TPU_ACCELERATOR_TYPE", "ACCELERATOR_TYPE"):
+    """The TPU accelerator type of a TPU VM (``v5litepod-8``...), from the environment or device files.
+
+    ``DIFFPERF_FAKE_TPU=<type>`` pretends to be a TPU VM of that type (collection tests only).
+    """
+    for var in ("DIFFPERF_FAKE_TPU", "TPU_ACCELERATOR_TYPE", "ACCELERATOR_TYPE"):
         if os.environ.get(var):
             return os.environ[var]
     if os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"):
@@ -123,10 +188,29 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def tpu_chips() -> tuple[str, int] | None:
+    """``(device kind, count)`` of this VM's TPU chips as JAX sees them (``("TPU v5 lite", 8)``), or ``None``.
+
+    Imports JAX (and so initializes its TPU backend) only on a machine that has a TPU.
+    """
+    if tpu_type() is None:
+        return None
+    try:
+        import jax
+
+        devices = jax.devices("tpu")
+    except Exception:  # noqa: BLE001 - no TPU backend (jax[tpu] missing) or no jax at all
+        return None
+    if not devices:
+        return None
+    return str(devices[0].device_kind), len(devices)
+
+
 def hardware_id(device: str = "cpu") -> str:
     """A stable, readable identity of the hardware running ``device`` cases (a baseline file name).
 
-    GPU model and count for CUDA, TPU type for TPU, CPU model and usable cores for CPU.
+    GPU model and count for CUDA, TPU chip kind and count for TPU (the accelerator type when JAX cannot
+    tell), CPU model and usable cores for CPU.
     """
     if device == "cuda":
         gpus = nvidia_gpus()
@@ -134,7 +218,10 @@ def hardware_id(device: str = "cpu") -> str:
             return f"cuda-{len(gpus)}x-{_slug(gpus[0]['name'])}"
         return "cuda-unknown"
     if device == "tpu":
-        return f"tpu-{_slug(tpu_type() or 'unknown')}"
+        chips = tpu_chips()
+        if chips is not None:
+            return f"tpu-{chips[1]}x-{_slug(chips[0])}"
+        return f"tpu-{_slug(tpu_type() or 'unknown')}-unknown-chips"
     return f"cpu-{cpu_count()}c-{_slug(cpu_model())}"
 
 

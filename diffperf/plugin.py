@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from diffperf import hardware, progress
-from diffperf.cases import DEVICES, FRAMEWORKS, Case, RecipeError, framework_spec, resolve_recipes
+from diffperf import distributed, hardware, progress
+from diffperf.cases import DEVICES, FRAMEWORKS, Case, RecipeError, framework_spec, matrix_skip_reason, resolve_recipes
+from diffperf.distributed import GROUPS as DIST_GROUPS
 from diffperf.malloc import MODES as MALLOC_MODES
 from diffperf.presets import PRESETS, get_preset
 from diffperf.reference import MODES as REFERENCE_MODES
 from diffperf.session import PerfSession
 from diffperf.table import results_table
-
-DEFAULT_PRESET = {"cpu": "tiny", "cuda": "sdxl", "tpu": "sdxl"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +152,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("diffperf", "diffperf: diffusion inference benchmarks")
     add = group.addoption
     add("--perf-preset", type=parse_preset, default="auto", metavar="NAME",
-        help="model preset: tiny, sd15, sdxl, or auto (tiny on CPU, sdxl on CUDA/TPU). Default: auto.")
+        help="model preset: tiny, sd15, sdxl, or auto (each framework's default for the device: tiny on CPU; on "
+             "CUDA sdxl for torch and jax, sd15 for tf; sdxl on TPU; see README). Default: auto.")
     add("--perf-frameworks", type=parse_frameworks, default=FRAMEWORKS, metavar="LIST",
         help="comma-separated stacks to run: torch, tf, jax. Default: torch,tf,jax.")
     add("--perf-recipes", type=parse_recipes, default=None, metavar="LIST",
@@ -161,11 +161,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "torch:bf16-sdpa-compile, tf:ladder). A bare name applies to every framework that knows it. "
              "Default: each framework's default set for the device (see README).")
     add("--perf-steps", type=_positive_int("steps"), default=None, metavar="N",
-        help="denoising steps. Default: the preset's (tiny 4, sd15/sdxl 30).")
+        help="denoising steps. Default: the framework's default for the device (its seed's), else the preset's "
+             "(tiny 4, sd15/sdxl 30).")
     add("--perf-resolution", type=parse_resolution, default=None, metavar="HxW",
-        help="image resolution. Default: the preset's native one (tiny 64, sd15 512, sdxl 1024).")
-    add("--perf-batch-size", type=parse_batch_sizes, default=(1,), metavar="LIST",
-        help="comma-separated images per prompt. Default: 1.")
+        help="image resolution. Default: the framework's default for the device, else the preset's native one "
+             "(tiny 64, sd15 512, sdxl 1024).")
+    add("--perf-batch-size", type=parse_batch_sizes, default=None, metavar="LIST",
+        help="comma-separated images per prompt. Default: the framework's default for the device (3 for tf on "
+             "CUDA, as the KerasCV guide; else 1).")
     add("--perf-weights", type=parse_weights_dir, default=None, metavar="DIR",
         help="load a local diffusers pipeline folder (safetensors only) instead of random weights; the preset "
              "is read from its model_index.json. Default: seeded random weights.")
@@ -215,6 +218,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "killed as hung. Default: 600.")
     add("--perf-select", default=None, metavar="FILE",
         help="run only the node ids listed in FILE, one a line (used by python -m diffperf launch). Default: all.")
+    add("--perf-dist-group", type=_choice("dist group", DIST_GROUPS), default="framework", metavar="UNIT",
+        help="under pytest-xdist (-n), what one worker runs together: 'framework' (all cases of a stack, so its "
+             "compile caches stay warm) or 'case' (a case's tests, spreading one stack over several GPUs). "
+             "Default: framework.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +288,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for device, reason in (("cpu", "runs on the CPU"), ("cuda", "needs a CUDA GPU"), ("tpu", "needs a TPU VM")):
         config.addinivalue_line("markers", f"{device}: benchmark case that {reason}")
     config.addinivalue_line("markers", "perf_tolerance(fraction): per-test latency tolerance for the regression gate")
+    distributed.configure(config, _cache_dir(config))  # a worker is pinned to its GPU here, before any build
     configure_caches(_cache_dir(config), config.getoption("perf_frameworks"))
     from diffperf import malloc
 
@@ -305,6 +313,12 @@ def pytest_configure(config: pytest.Config) -> None:
     results.configure(config, _cache_dir(config))
 
 
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: one xdist worker per visible GPU (diffperf/distributed.py)."""
+    return distributed.auto_num_workers(config)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     progress.sink = None
 
@@ -322,8 +336,7 @@ def recipes_for(framework: str, device: str, selected: tuple[str, ...] | None):
     """The recipes of ``framework`` to run on ``device``: the selection, or the framework's default."""
     spec = framework_spec(framework)
     if selected is None:
-        default = spec.default if isinstance(spec.default, str) else spec.default.get(device, spec.default.get("cpu"))
-        return resolve_recipes(framework, [default])
+        return resolve_recipes(framework, [spec.defaults[device].recipes])
     names = []
     for item in selected:
         fw, sep, name = item.partition(":")
@@ -341,38 +354,57 @@ def recipes_for(framework: str, device: str, selected: tuple[str, ...] | None):
     return resolve_recipes(framework, names)
 
 
+def conditions_for(config: pytest.Config, framework: str, device: str) -> dict:
+    """Preset, steps, resolution, batch sizes, guidance and negative prompt of ``framework`` on ``device``.
+
+    The options win; what they leave open comes from the framework's default :class:`~diffperf.cases.Conditions`
+    for the device (its seed's stated conditions) when the preset is that default's, else from the preset.
+    """
+    cond = framework_spec(framework).defaults[device]
+    preset_opt = config.getoption("perf_preset")
+    weights = config.getoption("perf_weights")
+    preset_name = cond.preset if preset_opt == "auto" else preset_opt
+    if weights is not None and framework == "torch" and preset_opt == "auto":
+        from pipelines.torch_diffusers import preset_of_folder
+
+        preset_name = preset_of_folder(weights)
+    seeded = preset_name == cond.preset
+    preset = get_preset(preset_name)
+    resolution = config.getoption("perf_resolution") or (cond.resolution if seeded else None)
+    return dict(
+        preset=preset_name,
+        steps=config.getoption("perf_steps") or (cond.steps if seeded and cond.steps else preset.default_steps),
+        height=resolution[0] if resolution else None, width=resolution[1] if resolution else None,
+        batch_sizes=config.getoption("perf_batch_size") or ((cond.batch_size,) if seeded else (1,)),
+        guidance_scale=cond.guidance_scale if seeded else None,
+        negative_prompt=cond.negative_prompt if seeded else None,
+    )
+
+
 def build_cases(config: pytest.Config) -> list:
     """Every (case, marks) the options select, including the ones that will be skipped (with reasons)."""
     params = []
-    preset_opt = config.getoption("perf_preset")
     weights = config.getoption("perf_weights")
-    steps_opt = config.getoption("perf_steps")
-    resolution = config.getoption("perf_resolution")
     for framework in config.getoption("perf_frameworks"):
         installed = hardware.framework_installed(framework)
         spec = framework_spec(framework)
         for device in DEVICES:
-            if not isinstance(spec.default, str) and device not in spec.default:
+            if device not in spec.defaults:
                 continue  # the stack does not target this device at all (e.g. PyTorch on TPU)
-            preset_name = preset_opt if preset_opt != "auto" else DEFAULT_PRESET[device]
-            if weights is not None and framework == "torch" and preset_opt == "auto":
-                from pipelines.torch_diffusers import preset_of_folder
-
-                preset_name = preset_of_folder(weights)
-            preset = get_preset(preset_name)
+            cond = conditions_for(config, framework, device)
             try:
                 recipes = recipes_for(framework, device, config.getoption("perf_recipes"))
             except RecipeError as exc:
                 raise pytest.UsageError(f"--perf-recipes: {exc}") from None
             for recipe in recipes:
-                for bs in config.getoption("perf_batch_size"):
+                for bs in cond["batch_sizes"]:
                     try:
                         case = Case(
-                            framework=framework, recipe=recipe, preset=preset_name, device=device, batch_size=bs,
-                            steps=steps_opt or preset.default_steps,
-                            height=resolution[0] if resolution else None, width=resolution[1] if resolution else None,
+                            framework=framework, recipe=recipe, preset=cond["preset"], device=device, batch_size=bs,
+                            steps=cond["steps"], height=cond["height"], width=cond["width"],
                             seed=config.getoption("perf_seed"),
                             weights=str(weights) if weights is not None and framework == "torch" else None,
+                            guidance_scale=cond["guidance_scale"], negative_prompt=cond["negative_prompt"],
                         )
                     except RecipeError as exc:
                         raise pytest.UsageError(f"invalid combination for {framework}/{device}: {exc}") from None
@@ -380,14 +412,18 @@ def build_cases(config: pytest.Config) -> list:
                     reason = (
                         None if installed else
                         f"{framework} stack not installed: pip install -e '.[{hardware.EXTRA_FOR[framework]}]'"
-                    ) or hardware.skip_reason(device) or recipe.unsupported(device)
+                    ) or hardware.skip_reason(device) or matrix_skip_reason(case)
                     if weights is not None and framework != "torch":
                         reason = reason or f"--perf-weights loads diffusers PyTorch folders; the {framework} stack uses random weights"
                     if reason:
                         marks.append(pytest.mark.skip(reason=reason))
                     known = recipe.known_failure(device)
                     if known:
-                        marks.append(pytest.mark.xfail(reason=known, strict=True))
+                        expected = recipe.known_failure_raises(device)
+                        if expected is None:
+                            raise RecipeError(f"{framework} recipe {recipe.tag()!r}: known_failure without known_failure_raises")
+                        marks.append(pytest.mark.xfail(reason=known, strict=True,
+                                                       raises=pytest.RaisesExc(check=expected.matches)))
                     params.append(pytest.param(case, marks=marks, id=f"{framework}-{device}-{case.id}"))
     return params
 
@@ -414,8 +450,10 @@ def perf_case(request: pytest.FixtureRequest, perf_session: PerfSession):
     from diffperf.harness import prepare
 
     case: Case = request.param
+    if not case.is_reference:
+        perf_session.build_reference(case)  # before the case: never both on the device at once
     prepared = prepare(case)
-    if case.recipe.is_reference:
+    if case.is_reference:
         perf_session.references.setdefault(case, prepared.generation)
     try:
         yield prepared

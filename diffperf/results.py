@@ -222,10 +222,15 @@ class JournalPlugin:
 
 def configure(config: pytest.Config, cache_dir: Path) -> None:
     """Register the journal plugin (called from diffperf.plugin's ``pytest_configure``)."""
-    if getattr(config, "workerinput", None) is not None:
-        return  # an xdist worker: pytest-benchmark is off there, and the controller's journal would be torn
+    from diffperf import distributed
+
+    role = distributed.role(config)
+    if role == "controller":
+        return  # under pytest-xdist each worker writes its own journal; the controller merges them
     opt = config.getoption("perf_journal", None)
     path = None if opt == "none" else Path(opt).resolve() if opt else default_journal_path(cache_dir)
+    if role == "worker":
+        path, opt = distributed.worker_journal(config), None
     select = config.getoption("perf_select", None)
     if path is None and select is None:
         return

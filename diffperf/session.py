@@ -9,6 +9,15 @@ import pytest
 from diffperf.cases import Case
 
 
+class ReferenceUnavailable:
+    """A fidelity reference that could not be built: remembered so that it is not rebuilt for every case."""
+
+    def __init__(self, ref_case: Case, exc: BaseException):
+        self.skipped = isinstance(exc, pytest.skip.Exception)
+        what = "was skipped" if self.skipped else f"failed: {type(exc).__name__}"
+        self.message = f"fidelity reference {ref_case.framework}-{ref_case.device}-{ref_case.id} {what}: {exc}".strip()
+
+
 class PerfSession:
     """Per-run state: reference outputs for the fidelity guard, records for the summary, the gate."""
 
@@ -28,14 +37,21 @@ class PerfSession:
         if getattr(prepared, "fidelity_result", None) is None:
             ref = self.reference(prepared.case)
             gen = prepared.generation
-            prepared.fidelity_result = fidelity.compare(
-                gen.images, gen.latents, ref.images, ref.latents, prepared.case.recipe.fidelity_thresholds()
-            )
+            try:
+                prepared.fidelity_result = fidelity.compare(
+                    gen.images, gen.latents, ref.images, ref.latents, prepared.case.recipe.fidelity_thresholds()
+                )
+            except fidelity.FidelityError:
+                raise
+            except Exception as exc:
+                raise fidelity.FidelityError(
+                    f"comparing {prepared.case.id} with its reference failed: {type(exc).__name__}: {exc}"
+                ) from exc
         return prepared.fidelity_result
 
     def measure(self, prepared, benchmark, request: pytest.FixtureRequest) -> dict:
         """Time the steady state, attach the record to the benchmark, and apply the regression gate."""
-        from diffperf import harness
+        from diffperf import distributed, harness
         from diffperf.fidelity import FidelityError
 
         opt = self.config.getoption
@@ -73,13 +89,18 @@ class PerfSession:
         try:
             result = self.fidelity(prepared)
             rec["fidelity"] = None if result is None else result.as_dict() | {"ok": result.ok}
-        except FidelityError as exc:
+        except FidelityError as exc:  # any error of the fidelity phase arrives as one (see fidelity())
             rec["fidelity"] = {"ok": False, "error": str(exc)}
+        except pytest.skip.Exception as exc:
+            rec["fidelity"] = {"ok": None, "skipped": str(exc)}
+        if rec["fidelity"] is not None:
+            rec["fidelity"]["reference"] = case.reference.recipe.tag()
         if self.gate is not None:
             outcome = self.gate.check(request.node.nodeid, rec["hardware_id"], rec, tolerance=tolerance)
             rec["gate"] = outcome.info
             rec["gate_message"] = outcome.message
         benchmark.extra_info.update(rec)
+        distributed.attach_samples(self.config, benchmark, rec["samples_s"])  # an xdist worker's timing
         self.records.append((request.node.nodeid, rec))
         if ab_error is not None:
             pytest.fail(f"{request.node.nodeid}: A/B failed, head measured alone: {ab_error}", pytrace=False)
@@ -91,16 +112,39 @@ class PerfSession:
             pytest.fail(outcome.message, pytrace=False)
         return rec
 
-    def reference(self, case: Case):
-        """The fp32 unoptimized output for ``case`` (built on demand and released at once)."""
+    def build_reference(self, case: Case) -> None:
+        """Build ``case``'s reference, keep its output and free it, unless done already (or fidelity is off).
+
+        Called before ``case`` itself is built, so the reference never shares the device with the case's
+        parameters. A reference that fails or is skipped is remembered as such, never rebuilt.
+        """
         from diffperf.harness import prepare
 
         ref_case = case.reference
-        if ref_case not in self.references:
+        if self.config.getoption("perf_no_fidelity") or ref_case in self.references:
+            return
+        try:
             prepared = prepare(ref_case)
-            self.references[ref_case] = prepared.generation
-            prepared.close()
-        return self.references[ref_case]
+        except (Exception, pytest.skip.Exception) as exc:
+            self.references[ref_case] = ReferenceUnavailable(ref_case, exc)
+            return
+        self.references[ref_case] = prepared.generation
+        prepared.close()
+
+    def reference(self, case: Case):
+        """The reference output for ``case`` (built now if it was not built before the case).
+
+        Raises FidelityError when the reference could not be built, pytest's skip when it was skipped.
+        """
+        from diffperf.fidelity import FidelityError
+
+        self.build_reference(case)
+        ref = self.references[case.reference]
+        if isinstance(ref, ReferenceUnavailable):
+            if ref.skipped:
+                pytest.skip(ref.message)
+            raise FidelityError(ref.message)
+        return ref
 
 
 def make_gate(config: pytest.Config):

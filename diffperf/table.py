@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffperf import published
+
 
 def _fmt_bytes(n) -> str:
     if n is None:
@@ -25,8 +27,9 @@ def ab_cell(ab: dict | None) -> str:
     return f"{ab['verdict']} {ab['ratio']:.3f} [{low:.3f}, {high:.3f}] n={ab['pairs']}"
 
 
-def results_table(records: list[tuple[str, dict]]) -> list[str]:
-    """The terminal table of this run's results, one line per case."""
+def results_table(records: list[tuple[str, dict]], published_path=None) -> list[str]:
+    """The terminal table of this run's results, one line per case, then the published figures its cases
+    match (:mod:`diffperf.published`), or why none applies."""
     header = ("case", "median", "cv", "cold start", "compile", "peak mem", "img/s", "fidelity", "gate")
     with_ab = any(r.get("ab") for _nodeid, r in records)
     if with_ab:
@@ -49,4 +52,6 @@ def results_table(records: list[tuple[str, dict]]) -> list[str]:
         ) + ((ab_cell(r.get("ab")),) if with_ab else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
-    return [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+    lines = [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+    measured = [(f"{r['framework']}-{r['device']}-{r['case']['id']}", r, r["median_s"]) for _n, r in records]
+    return lines + [""] + published.run_figures(measured, path=published_path).text_lines()

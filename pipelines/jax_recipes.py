@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from diffperf.cases import FrameworkSpec, Recipe, RecipeError, register
+from diffperf.cases import Conditions, FrameworkSpec, Recipe, RecipeError, register
 
 DTYPES = ("fp32", "bf16")
 MODES = ("jit", "aot")
@@ -91,6 +91,13 @@ class FlaxRecipe(Recipe):
     def reference(self) -> "FlaxRecipe":
         return FlaxRecipe(dtype="fp32", mode="jit", split_head_dim=False, devices=1)
 
+    def reference_on(self, device: str) -> "FlaxRecipe":
+        # An fp32 SDXL needs ~12.9 GiB of a TPU v5e's 16 GiB before activations, and the seed never runs fp32:
+        # on TPU the reference is the seed's bf16 parameters, jit, one device.
+        if device == "tpu":
+            return FlaxRecipe(dtype="bf16", mode="jit", split_head_dim=False, devices=1)
+        return self.reference()
+
 
 R = FlaxRecipe
 GUIDE_LADDER = (
@@ -101,6 +108,10 @@ GUIDE_LADDER = (
     R(dtype="bf16", mode="aot", split_head_dim=True, devices=0),
 )
 LADDER_STEP_NAMES = ("baseline", "bf16", "+aot", "+splithead", "+alldev")
+# The SDXL-on-TPU seed's own two programs: the pipeline's jit and AOT lower+compile, both with bf16 parameters,
+# split heads and every device.
+SEED = (R(dtype="bf16", split_head_dim=True, devices=0), R(dtype="bf16", mode="aot", split_head_dim=True, devices=0))
+SEED_NEGATIVE_PROMPT = "cartoon, illustration, animation. face. male, female"
 
 SPEC = register(
     FrameworkSpec(
@@ -112,9 +123,17 @@ SPEC = register(
             "modes": (R(), R(mode="aot")),
             "dtypes": (R(mode="aot"), R(dtype="bf16", mode="aot")),
             "scaling": tuple(R(dtype="bf16", mode="aot", split_head_dim=True, devices=n) for n in (1, 2, 4, 8)),
+            "seed": SEED,
         },
-        # On CPU: the reference and its AOT twin (compile apart from the first call) keep the default run short.
-        default={"cpu": "modes", "cuda": "ladder", "tpu": "ladder"},
+        defaults={
+            # The reference and its AOT twin (compile apart from the first call) keep the default run short.
+            "cpu": Conditions("tiny", "modes", source="CPU smoke run"),
+            "cuda": Conditions("sdxl", "ladder", source="the JAX seed's ladder on a GPU (the seed itself is TPU-only)"),
+            "tpu": Conditions("sdxl", "seed", steps=25, batch_size=1, guidance_scale=5.0,
+                              negative_prompt=SEED_NEGATIVE_PROMPT,
+                              source="jax-sdxl-tpu.md: SDXL 1024x1024, 25 steps, guidance 5.0, a negative prompt, "
+                                     "one image per device on every device, jit and AOT, bf16, split heads"),
+        },
         module="pipelines.flax_sd",
     )
 )

@@ -84,7 +84,7 @@ from keras_cv.src.models.stable_diffusion.text_encoder import (  # noqa: E402
 )
 
 NUM_TRAIN_TIMESTEPS = 1000
-SAVEDMODEL_FORMAT = 1  # bump when the exported functions change, to invalidate the cache
+SAVEDMODEL_FORMAT = 2  # bump when the exported functions change, to invalidate the cache
 
 # --------------------------------------------------------------------------------------------------
 # Architecture: KerasCV's models at sd15, same-structure copies at toy width otherwise
@@ -239,6 +239,37 @@ def build_models(preset: Preset, height: int, width: int) -> tuple[keras.Model, 
         )
     arch = Arch.from_preset(preset)
     return toy_text_encoder(arch), toy_diffusion_model(arch, height, width), toy_decoder(arch, height, width)
+
+
+class PrecisionError(RuntimeError):
+    """The built layers do not compute in the dtype the recipe's Keras policy asks for."""
+
+
+_COMPUTE_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv2D)
+
+
+def compute_dtypes(models) -> dict[str, str]:
+    """``{component: compute dtype}`` read from each built model's Dense/Conv layers (``a+b`` when they differ)."""
+    out = {}
+    for name, model in zip(COMPONENTS, models):
+        dtypes = {layer.compute_dtype for layer in model._flatten_layers(include_self=False)
+                  if isinstance(layer, _COMPUTE_LAYERS)}
+        out[name] = "+".join(sorted(dtypes)) or "none"
+    return out
+
+
+def check_compute_dtypes(case: Case, dtypes: dict[str, str], info: dict[str, Any]) -> None:
+    """Record the built compute dtype in ``info``; raise :class:`PrecisionError` unless it is the recipe's."""
+    recipe: KerasRecipe = case.recipe  # type: ignore[assignment]
+    expected = keras.DTypePolicy(recipe.keras_policy).compute_dtype
+    info["compute_dtypes"] = dict(dtypes)
+    info["compute_dtype"] = dtypes.get("diffusion_model", "none")
+    wrong = {name: dtypes.get(name, "unknown") for name in COMPONENTS if dtypes.get(name) != expected}
+    if wrong:
+        raise PrecisionError(
+            f"{case.id}: recipe {recipe.tag()!r} (Keras policy {recipe.keras_policy}) needs {expected} compute, "
+            f"but the built layers compute in {', '.join(f'{n}={d}' for n, d in wrong.items())}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,7 +558,8 @@ def export_savedmodels(case: Case, models, folder: Path) -> None:
     try:
         for name, module in modules.items():
             tf.saved_model.save(module, str(tmp / name), signatures={"serving_default": module.serving_fn})
-        (tmp / "case.json").write_text(json.dumps(case.as_dict(), default=str, indent=1))
+        meta = case.as_dict() | {"compute_dtypes": compute_dtypes(models)}
+        (tmp / "case.json").write_text(json.dumps(meta, default=str, indent=1))
         try:
             os.rename(tmp, folder)
         except OSError:  # another process exported the same key first; keep theirs
@@ -591,6 +623,7 @@ def build_savedmodel_fns(case: Case, folder: Path, info: dict[str, Any]):
     t0 = time.perf_counter()
     fns = [load_concrete_fn(folder / name) for name in COMPONENTS]
     info["load_s"] = time.perf_counter() - t0
+    check_compute_dtypes(case, json.loads((folder / "case.json").read_text()).get("compute_dtypes", {}), info)
     xla = [name for name in COMPONENTS if recipe.jit_compile and (name != "text_encoder" or recipe.xla_text_encoder)]
     fns = [tf.function(fn, jit_compile=True) if name in xla else fn for name, fn in zip(COMPONENTS, fns)]
     info["xla_components"] = xla
@@ -624,6 +657,7 @@ def shared_models(case: Case, preset: Preset, policy: str, device: str) -> tuple
     if not _SHARED.get("in_use"):
         release_shared()
     with progress.step(f"building KerasCV {preset.name} ({policy}) with seeded random weights"):
+        keras.mixed_precision.set_global_policy(policy)  # clear_session() resets it in Keras 3
         keras.utils.set_random_seed(case.seed)
         models = build_models(preset, case.height, case.width)
     if not _SHARED:
@@ -640,7 +674,9 @@ def release_shared() -> None:
     """Drop the models :func:`shared_models` keeps, unless an open runner holds them (memory freed, session cleared)."""
     if _SHARED and not _SHARED.get("in_use"):
         _SHARED.clear()
-        keras.backend.clear_session()
+        policy = keras.mixed_precision.global_policy().name
+        keras.backend.clear_session()  # Note: in Keras 3 this also resets the global dtype policy
+        keras.mixed_precision.set_global_policy(policy)
         gc.collect()
 
 
@@ -709,6 +745,7 @@ def build(case: Case) -> KerasCVRunner:
                 return SavedModelRunner(case, device, saved_policy, info, fns)
             models, info["models_reused"] = shared_models(case, preset, recipe.keras_policy, device)
             try:
+                check_compute_dtypes(case, compute_dtypes(models), info)
                 for model in models:
                     model.compile(jit_compile=recipe.jit_compile)
                 info["parameters"] = {name: int(m.count_params()) for name, m in zip(COMPONENTS, models)}

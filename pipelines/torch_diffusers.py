@@ -5,6 +5,11 @@ precision -> attention processor -> fused QKV -> channels_last -> torchao quanti
 
 Each step is a small function of ``(pipe, recipe)``; :func:`build` composes them. Global state the steps
 change (inductor config, dynamo caches, matmul precision) is restored by :meth:`TorchRunner.close`.
+
+Note: :func:`build` snapshots the whole inductor config before any step and :meth:`TorchRunner.close` loads
+it back, so nothing a case sets (the guide's flags, or anything a library sets behind our back) leaks into
+later cases. torchao's configs are given ``set_inductor_config=False``: their own "recommended" flags
+(``fx_graph_cache``, ``unique_kernel_names``...) are not the guide's; :func:`step_compile` sets the guide's.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ os.environ.setdefault("USE_TF", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffperf import progress  # noqa: E402
+from diffperf import hardware, progress  # noqa: E402
 from diffperf.cases import Case  # noqa: E402
 from diffperf.memory import RSSProbe  # noqa: E402
 from diffperf.presets import Preset, get_preset  # noqa: E402
@@ -172,17 +177,15 @@ def step_quantize(pipe, recipe: TorchRecipe, state: dict) -> None:
     )
     from torchao.quantization.quant_api import swap_conv2d_1x1_to_linear
 
-    if recipe.quant == "int8dq":
-        for model in (pipe.unet, pipe.vae):
-            swap_conv2d_1x1_to_linear(model, conv_filter_fn)
-            quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=dynamic_quant_filter_fn)
-    elif recipe.quant == "int8wo":
-        for model in (pipe.unet, pipe.vae):
-            quantize_(model, Int8WeightOnlyConfig())
-    elif recipe.quant == "fp8dq":
-        for model in (pipe.unet, pipe.vae):
-            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                      filter_fn=dynamic_quant_filter_fn)
+    # The guide's conv swap and layer filter for every quantization (int8wo and fp8dq are not in the guide).
+    config = {
+        "int8dq": lambda: Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
+        "int8wo": lambda: Int8WeightOnlyConfig(set_inductor_config=False),
+        "fp8dq": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+    }[recipe.quant]
+    for model in (pipe.unet, pipe.vae):
+        swap_conv2d_1x1_to_linear(model, conv_filter_fn)
+        quantize_(model, config(), filter_fn=dynamic_quant_filter_fn)
 
 
 def step_compile(pipe, recipe: TorchRecipe, state: dict) -> None:
@@ -193,10 +196,8 @@ def step_compile(pipe, recipe: TorchRecipe, state: dict) -> None:
     flags = dict(INDUCTOR_FLAGS)
     if recipe.quant is not None:
         flags.update(INDUCTOR_QUANT_FLAGS)
-    saved = state.setdefault("inductor_config", {})
-    for key, value in flags.items():
+    for key, value in flags.items():  # build() saved the whole config; close() loads it back
         if hasattr(inductor_config, key):
-            saved.setdefault(key, getattr(inductor_config, key))
             setattr(inductor_config, key, value)
     pipe.unet = torch.compile(pipe.unet, mode=recipe.compile_mode, fullgraph=recipe.fullgraph)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=recipe.compile_mode, fullgraph=recipe.fullgraph)
@@ -305,6 +306,7 @@ class TorchRunner(Runner):
             try:
                 from torch._dynamo.utils import counters
 
+                # build() cleared the counters: these are this case's own.
                 info["dynamo_graph_breaks"] = int(sum(counters["graph_break"].values()))
                 info["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
             except Exception:  # pragma: no cover - private API
@@ -314,8 +316,9 @@ class TorchRunner(Runner):
     def close(self) -> None:
         import torch._inductor.config as inductor_config
 
-        for key, value in self.state.get("inductor_config", {}).items():
-            setattr(inductor_config, key, value)
+        saved = self.state.pop("inductor_config", None)
+        if saved is not None:
+            inductor_config.load_config(saved)
         self.pipe = None
         gc.collect()
         if self.case.recipe.compile_mode is not None:
@@ -336,6 +339,12 @@ def build(case: Case) -> TorchRunner:
 
     diffusers_logging.set_verbosity_error()  # the fp32 -> bf16 cast warning is expected here
     device = torch.device("cuda" if case.device == "cuda" else "cpu")
+    if recipe.quant == "fp8dq" and device.type == "cuda":
+        reason = hardware.fp8_skip_reason(torch.cuda.get_device_capability(device))
+        if reason:
+            import pytest
+
+            pytest.skip(reason)
     dtype = DTYPES[recipe.precision]
     preset = get_preset(case.preset)
     if case.weights:
@@ -346,7 +355,15 @@ def build(case: Case) -> TorchRunner:
             pipe = random_pipeline(preset, case.seed, device.type)
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    state: dict = {}
-    for step in STEPS:
-        step(pipe, recipe, state)
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    state: dict = {"inductor_config": inductor_config.get_config_copy()}
+    counters.clear()  # graph and graph-break counts are per case
+    try:
+        for step in STEPS:
+            step(pipe, recipe, state)
+    except BaseException:
+        inductor_config.load_config(state["inductor_config"])
+        raise
     return TorchRunner(case, pipe, device, state)

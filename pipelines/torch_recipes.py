@@ -3,15 +3,19 @@
 Tags are ``-``-joined tokens in a fixed order: precision (``fp32``/``fp16``/``bf16``), attention
 (``classic``/``sdpa``), then optional ``cl`` (channels_last), ``fuseqkv``, ``compile`` (mode
 ``max-autotune``, the guide's) or ``compiledefault`` (mode ``default``), ``graphbreaks`` (no fullgraph),
-and a quantization: ``int8dq`` (int8 dynamic activation + int8 weight), ``int8wo`` (int8 weight-only),
-``fp8dq`` (float8 dynamic activation + float8 weight). This module imports no framework.
+and a quantization: ``int8dq`` (int8 dynamic activation + int8 weight, the guide's), ``int8wo`` (int8
+weight-only: not in the guide; applied with the guide's layer filters, and its named recipe compiles it, since
+in eager it mostly measures dequantization), ``fp8dq`` (float8 dynamic activation + float8 weight, bf16 only,
+compute capability >= 8.9). This module imports no framework.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from diffperf.cases import FrameworkSpec, Recipe, RecipeError, register
+from diffperf import hardware
+from diffperf.cases import Conditions, FrameworkSpec, Recipe, RecipeError, register
+from diffperf.presets import Preset
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTIONS = ("classic", "sdpa")
@@ -46,6 +50,19 @@ class TorchRecipe(Recipe):
             raise RecipeError("'fuseqkv' runs through SDPA (FusedAttnProcessor2_0); it needs 'sdpa' attention")
         if not self.fullgraph and self.compile_mode is None:
             raise RecipeError("'graphbreaks' (fullgraph=False) needs a compile token")
+        if self.quant == "fp8dq" and self.precision != "bf16":
+            raise RecipeError(
+                f"recipe {self.tag()!r}: 'fp8dq' needs bf16 (torchao's float8 PerRow scaling takes bf16 weights), "
+                f"not {self.precision}"
+            )
+
+    def check_preset(self, preset: Preset) -> None:
+        if self.precision == "fp16" and self.quant is not None and preset.vae.get("force_upcast"):
+            raise RecipeError(
+                f"recipe {self.tag()!r} on preset {preset.name!r}: fp16 with {self.quant} quantization is not "
+                f"supported: the preset's VAE has force_upcast=True, so diffusers casts the quantized VAE to "
+                f"float32 and back on every call; use bf16"
+            )
 
     def tag(self) -> str:
         parts = [self.precision, self.attention]
@@ -95,8 +112,10 @@ class TorchRecipe(Recipe):
     def unsupported(self, device: str) -> str | None:
         if device == "tpu":
             return "the PyTorch stack does not target TPUs (torch_xla is out of scope)"
-        if self.quant == "fp8dq" and device != "cuda":
-            return "float8 dynamic quantization needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper)"
+        if self.quant == "fp8dq":
+            if device != "cuda":
+                return "float8 dynamic quantization needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper)"
+            return hardware.fp8_skip_reason()
         if self.precision == "fp16" and device == "cpu":
             return "fp16 on CPU has no fast kernels and is not a recipe anyone ships; use bf16 or fp32 on CPU"
         return None
@@ -134,10 +153,16 @@ SPEC = register(
             # The default on CPU: what runs in minutes on 2 cores. bf16 without AVX-512-bf16 and
             # channels_last under inductor are slow on such CPUs; ask for them with --perf-recipes ladder.
             "cpu": (R(), R(attention="sdpa"), R(attention="sdpa", compile_mode="default")),
-            "int8wo": (R(precision="bf16", attention="sdpa", channels_last=True, quant="int8wo"),),
+            # Not in the guide: the guide's top rung with int8 weight-only instead of dynamic quantization.
+            "int8wo": (R(precision="bf16", attention="sdpa", channels_last=True, fuse_qkv=True,
+                         compile_mode="max-autotune", quant="int8wo"),),
             "fp8dq": (R(precision="bf16", attention="sdpa", channels_last=True, compile_mode="max-autotune", quant="fp8dq"),),
         },
-        default={"cpu": "cpu", "cuda": "ladder"},
+        defaults={
+            "cpu": Conditions("tiny", "cpu", source="CPU smoke run"),
+            "cuda": Conditions("sdxl", "ladder", steps=30, batch_size=1,
+                               source="diffusers-accelerate-inference-guide.md (A100-80GB: SDXL 1024x1024, 30 steps, batch 1)"),
+        },
         module="pipelines.torch_diffusers",
     )
 )

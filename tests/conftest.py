@@ -96,6 +96,16 @@ def fake_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
     pytester.makeini("[pytest]\naddopts = -p diffperf.plugin --strict-markers\n")
     monkeypatch.setenv("PYTHONPATH", f"{pytester.path}:{REPO}")
     monkeypatch.setenv("FAKE_EVENTS", str(pytester.path / "events.json"))
-    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # pytest-benchmark disables itself under xdist
-        monkeypatch.delenv(var, raising=False)
     return pytester
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _not_an_xdist_worker():
+    """Under ``pytest tests -n auto``: a pytest that a test starts (pytester, pytest.main) is no xdist worker.
+
+    pytest-benchmark reads ``PYTEST_XDIST_WORKER`` from the environment and would switch itself off there.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
+            mp.delenv(var, raising=False)
+        yield

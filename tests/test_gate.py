@@ -173,6 +173,18 @@ def test_memory_and_compile_use_their_own_tolerances(tmp_path):
     assert comp.failed and "compile time regressed" in comp.message
 
 
+def test_compile_figures_of_another_kind_are_not_compared(tmp_path):
+    """JAX AOT's ahead-of-time compile seconds are not the cold-start excess an older baseline holds."""
+    gate = _gate_with_baseline(tmp_path, lognormal(20, seed=1))  # baseline: compile 1.0 s, no kind (older)
+    same = lognormal(20, seed=3)
+    aot = gate.check("t::a", HW, record(same, compile_s=30.0) | {"compile_kind": "ahead-of-time"})
+    assert not aot.failed and aot.info["compile_verdict"] == "not compared"
+    assert "compile time: measured as ahead-of-time, baseline as cold-start-excess; not compared" in aot.message
+    excess = gate.check("t::a", HW, record(same, compile_s=1.5) | {"compile_kind": "cold-start-excess"})
+    assert excess.failed and "compile time regressed" in excess.message
+    assert make_entry("t::b", record(same, compile_s=2.0) | {"compile_kind": "ahead-of-time"})["compile_kind"] == "ahead-of-time"
+
+
 def test_update_records_every_checked_test_and_keeps_others(tmp_path):
     gate = _gate_with_baseline(tmp_path, lognormal(20, seed=1), update=True)
     out = gate.check("t::a", HW, record(lognormal(20, 1.5, seed=2), compile_s=1.0))

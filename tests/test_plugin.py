@@ -82,8 +82,9 @@ def test_reported_median_matches_known_duration_and_syncs_before_clock(fake_suit
     data = json.loads((fake_suite.path / "out.json").read_text())
     for bench in data["benchmarks"]:
         median = bench["stats"]["median"]
-        # The device work is asynchronous: without a sync before the clock the median would be ~0.
-        assert 0.05 <= median < 0.05 * 1.05, median
+        # The device work is asynchronous: without a sync before the clock the median would be ~0. The upper
+        # bound only has to tell "one queued call" from two; a busy machine oversleeps the fake device's waits.
+        assert 0.05 <= median < 0.05 * 1.5, median
         info = bench["extra_info"]
         assert info["rounds"] == 7 == len(info["samples_s"])
         assert abs(info["median_s"] - median) < 1e-9
@@ -147,3 +148,91 @@ def test_saved_run_is_written_atomically_and_announced(fake_suite):
     saved = list((fake_suite.path / "store").rglob("0001_first.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["benchmarks"]
     assert not list((fake_suite.path / "store").rglob("*.tmp")), "a temp file was left behind"
+
+
+def test_a_reference_that_cannot_be_built_fails_only_the_fidelity_of_each_case_and_is_built_once(fake_suite):
+    """Any error of the fidelity phase (here the reference's build: an out-of-memory) is a clear failure of that
+    case's fidelity test; the latency tests still pass, and the reference is not rebuilt for every case."""
+    fake_suite.makepyfile(fake_builder_oom=r'''
+import atexit, json
+import fake_builder
+LOG = []
+def build(case):
+    LOG.append(case.id)
+    if case.recipe.tag() == "fp32-classic":
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 12.9 GiB")
+    return fake_builder.build(case)
+atexit.register(lambda: open("builds.json", "w").write(json.dumps(LOG)))
+''')
+    fake_suite.makeconftest(fake_suite.path.joinpath("conftest.py").read_text().replace('"fake_builder"', '"fake_builder_oom"'))
+    result = fake_suite.runpytest_subprocess("--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-sdpa,torch:bf16-sdpa",
+                                             "-p", "no:randomly", "-m", "cpu", "--perf-rounds", "2",
+                                             "--perf-warmup-rounds", "0", "--benchmark-json", "out.json", "-rf")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(["E*FidelityError: fidelity reference torch-cpu-tiny-fp32-classic-bs1-4steps failed: "
+                                 "RuntimeError: RESOURCE_EXHAUSTED*"])
+    assert not [ln for ln in result.stdout.lines if ln.startswith("FAILED") and "test_latency" in ln]
+    builds = json.loads((fake_suite.path / "builds.json").read_text())
+    assert builds.count("tiny-fp32-classic-bs1-4steps") == 1, builds
+    for bench in json.loads((fake_suite.path / "out.json").read_text())["benchmarks"]:
+        fid = bench["extra_info"]["fidelity"]
+        assert fid["ok"] is False and "RESOURCE_EXHAUSTED" in fid["error"] and fid["reference"] == "fp32-classic"
+
+
+_KNOWN_FAILURE_CONFTEST = r'''
+from diffperf.cases import ExpectedError
+from pipelines.torch_recipes import TorchRecipe
+
+TorchRecipe.known_failure = lambda self, device: "upstream#1: sdpa breaks" if self.attention == "sdpa" else None
+TorchRecipe.known_failure_raises = lambda self, device: (
+    ExpectedError("fake_known.UpstreamError", r"branch shape") if self.attention == "sdpa" else None)
+'''
+
+_KNOWN_FAILURE_BUILDER = r'''
+import os
+import fake_builder
+
+class UpstreamError(Exception):
+    pass
+
+class OutOfMemory(Exception):
+    pass
+
+def build(case):
+    if case.recipe.attention == "sdpa":
+        kind = os.environ["FAKE_FAILURE"]
+        if kind == "upstream":
+            raise UpstreamError("branch shape mismatch (3 vs 2)")
+        if kind == "oom":
+            raise OutOfMemory("out of memory while building: branch shape")  # right message, wrong type
+        if kind == "other-message":
+            raise UpstreamError("ran out of device memory")  # right type, wrong message
+    return fake_builder.build(case)
+'''
+
+
+@pytest.mark.parametrize("kind, outcomes", [
+    ("upstream", {"passed": 2, "xfailed": 2}),
+    ("oom", {"passed": 2, "errors": 2}),
+    ("other-message", {"passed": 2, "errors": 2}),
+    ("none", {"passed": 2, "failed": 2}),  # strict: it works now, and the suite says so
+])
+def test_known_failure_xfails_only_on_the_declared_error(fake_suite, monkeypatch, kind, outcomes):
+    fake_suite.makepyfile(fake_known=_KNOWN_FAILURE_BUILDER)
+    conftest = fake_suite.path.joinpath("conftest.py").read_text().replace('"fake_builder"', '"fake_known"')
+    fake_suite.makeconftest(conftest + _KNOWN_FAILURE_CONFTEST)
+    monkeypatch.setenv("FAKE_FAILURE", kind)
+    result = fake_suite.runpytest_subprocess(*BASE, "-m", "cpu", "--perf-rounds", "2", "--perf-warmup-rounds", "0",
+                                             "-rxX")
+    result.assert_outcomes(**outcomes)
+    if kind == "upstream":
+        result.stdout.fnmatch_lines(["*XFAIL*fp32-sdpa*upstream#1: sdpa breaks*"])
+
+
+def test_known_failure_without_raises_is_refused(fake_suite):
+    fake_suite.makeconftest(fake_suite.path.joinpath("conftest.py").read_text() + (
+        "\nfrom pipelines.torch_recipes import TorchRecipe\n"
+        "TorchRecipe.known_failure = lambda self, device: 'upstream#1' if self.attention == 'sdpa' else None\n"))
+    result = fake_suite.runpytest_subprocess(*BASE, "-m", "cpu", "--collect-only")
+    assert result.ret != 0
+    result.stdout.re_match_lines([r".*recipe 'fp32-sdpa': known_failure without known_failure_raises.*"])

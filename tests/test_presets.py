@@ -82,3 +82,74 @@ def test_case_ids_and_validation():
 def test_unsupported_cases_have_reasons():
     assert "CUDA" in TorchRecipe.from_tag("bf16-sdpa-cl-compile-fp8dq").unsupported("cpu")
     assert TorchRecipe.from_tag("bf16-sdpa").unsupported("cuda") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 14: fp8 capability gate, fp8 precision, fp16 + quantization on a force_upcast VAE, int8wo
+# --------------------------------------------------------------------------------------------------
+
+FP8 = "bf16-sdpa-cl-compile-fp8dq"
+
+
+@pytest.mark.parametrize("capability, skipped", [("8.0", True), ("8.6", True), ("8.9", False), ("9.0", False)])
+def test_fp8_is_gated_on_compute_capability(monkeypatch, capability, skipped):
+    from diffperf import hardware
+
+    monkeypatch.setenv("DIFFPERF_FAKE_CUDA_CAPABILITY", capability)
+    assert hardware.cuda_compute_capability() == tuple(int(x) for x in capability.split("."))
+    reason = TorchRecipe.from_tag(FP8).unsupported("cuda")
+    if skipped:
+        assert reason and ">= 8.9" in reason and f"this one is {capability}" in reason
+    else:
+        assert reason is None
+    assert TorchRecipe.from_tag("bf16-sdpa-cl-compile-int8dq").unsupported("cuda") is None  # fp8 only
+
+
+def test_fp8_capability_read_from_nvidia_smi(monkeypatch, tmp_path):
+    from diffperf import hardware
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 9.0\necho 8.0\n")  # two GPUs: the lowest decides
+    smi.chmod(0o755)
+    monkeypatch.delenv("DIFFPERF_FAKE_CUDA_CAPABILITY", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path}")
+    hardware._nvidia_smi_capabilities.cache_clear()
+    try:
+        assert hardware.cuda_compute_capability() == (8, 0)
+        assert "this one is 8.0" in TorchRecipe.from_tag(FP8).unsupported("cuda")
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+        hardware._nvidia_smi_capabilities.cache_clear()
+        assert hardware.cuda_compute_capability() == (9, 0)
+    finally:
+        hardware._nvidia_smi_capabilities.cache_clear()
+    monkeypatch.setenv("DIFFPERF_FAKE_CUDA_CAPABILITY", "eight")
+    with pytest.raises(ValueError, match="DIFFPERF_FAKE_CUDA_CAPABILITY='eight'"):
+        hardware.cuda_compute_capability()
+
+
+@pytest.mark.parametrize("tag", ["fp16-sdpa-cl-compile-fp8dq", "fp32-sdpa-fp8dq"])
+def test_fp8_needs_bf16(tag):
+    with pytest.raises(RecipeError, match=rf"recipe '{tag}': 'fp8dq' needs bf16"):
+        TorchRecipe.from_tag(tag)
+
+
+@pytest.mark.parametrize("quant", ["int8dq", "int8wo", "fp8dq"])
+def test_fp16_quantization_on_a_force_upcast_vae_is_rejected(quant):
+    assert get_preset("sdxl").vae["force_upcast"]
+    precision = "bf16" if quant == "fp8dq" else "fp16"
+    if quant != "fp8dq":
+        recipe = TorchRecipe.from_tag(f"{precision}-sdpa-{quant}")
+        with pytest.raises(RecipeError, match=rf"recipe 'fp16-sdpa-{quant}' on preset 'sdxl': fp16 with {quant}"):
+            Case("torch", recipe, "sdxl", device="cuda", steps=2)
+        assert Case("torch", recipe, "sd15", device="cuda", steps=2)  # no force_upcast there
+    ok = TorchRecipe.from_tag(f"bf16-sdpa-{quant}")
+    assert Case("torch", ok, "sdxl", device="cuda", steps=2).recipe == ok
+    assert Case("torch", TorchRecipe.from_tag("fp16-sdpa"), "sdxl", device="cuda", steps=2)
+
+
+def test_int8wo_named_recipe_is_compiled_and_not_the_guides():
+    (recipe,) = resolve_recipes("torch", ["int8wo"])
+    assert recipe.tag() == "bf16-sdpa-cl-fuseqkv-compile-int8wo"
+    assert recipe.compile_mode == "max-autotune" and recipe.fullgraph
+    assert all(r.quant != "int8wo" for r in GUIDE_LADDER)

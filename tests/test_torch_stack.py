@@ -111,3 +111,77 @@ def test_perf_weights_option_runs_the_saved_pipeline(fp32_runner, pytester):
     result.assert_outcomes(passed=2)
     bench = json.loads((pytester.path / "out.json").read_text())["benchmarks"][0]
     assert bench["extra_info"]["case"]["weights"] == str(folder.resolve())
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 14: global state between cases (inductor config, dynamo counters), int8wo's filters, fp8 gate
+# --------------------------------------------------------------------------------------------------
+
+# The keys the guide's flags and torchao's "recommended" setter write; set to False first, so a write shows.
+_WATCHED = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul",
+            "fx_graph_cache", "conv_1x1_as_mm", "epilogue_fusion", "triton.unique_kernel_names")
+
+
+@pytest.fixture
+def watched_inductor_config():
+    import torch._inductor.config as cfg
+
+    original = cfg.get_config_copy()
+    cfg.load_config({key: False for key in _WATCHED})
+    yield cfg
+    cfg.load_config(original)
+
+
+@pytest.mark.parametrize("tag", ["bf16-sdpa-cl-int8dq", "bf16-sdpa-cl-int8wo", "bf16-sdpa-compile-int8dq"])
+def test_quantized_case_restores_the_whole_inductor_config(watched_inductor_config, tag):
+    cfg = watched_inductor_config
+    before = cfg.get_config_copy()
+    runner = build_pipeline(tag, preset="tiny", steps=1)
+    try:
+        during = cfg.get_config_copy()
+        if runner.case.recipe.compile_mode is None:  # eager: nothing to tune, nothing changed
+            assert during == before
+        else:  # the guide's flags (and its quantization flags), not torchao's own
+            for key, value in {**td.INDUCTOR_FLAGS, "force_fuse_int_mm_with_mul": True}.items():
+                assert during[key] == value, key
+            changed = {k for k, v in during.items() if before[k] != v}
+            assert changed <= set(td.INDUCTOR_FLAGS) | set(td.INDUCTOR_QUANT_FLAGS), changed  # none of torchao's
+    finally:
+        runner.close()
+    after = cfg.get_config_copy()
+    assert {k: v for k, v in after.items() if before[k] != v} == {}
+
+
+def test_dynamo_counters_are_the_cases_own():
+    from torch._dynamo.utils import counters
+
+    counters["graph_break"]["an earlier case's break"] += 3
+    counters["stats"]["unique_graphs"] += 5
+    runner = build_pipeline("fp32-sdpa-compiledefault", preset="tiny", steps=1)
+    try:
+        info = runner.compile_info()
+        # nothing has been compiled yet (torch.compile is lazy): the earlier case's counts must not show
+        assert info["dynamo_graph_breaks"] == 0 and info["dynamo_unique_graphs"] == 0
+    finally:
+        runner.close()
+
+
+def test_int8_weight_only_gets_the_guides_conv_swap_and_filter():
+    runner = build_pipeline("bf16-sdpa-cl-int8wo", preset="tiny", steps=1)
+    try:
+        unet = runner.pipe.unet
+        assert not any(td.conv_filter_fn(m) for m in unet.modules()), "the guide's 1x1 convs were not swapped"
+        linears = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)]
+        quantized = [m for m in linears if type(m.weight).__name__ != "Parameter"]
+        assert quantized and all(td.dynamic_quant_filter_fn(m) for m in quantized)
+        assert [m for m in quantized if m.in_features == 128 or m.out_features == 128]  # the swapped conv too
+    finally:
+        runner.close()
+
+
+def test_fp8_skips_below_compute_capability_8_9_at_build(monkeypatch):
+    """Collection gates on nvidia-smi; build asks torch again (fake CUDA device of capability 8.0)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(pytest.skip.Exception, match=r"compute capability >= 8.9.*this one is 8.0"):
+        build_pipeline(make_case("bf16-sdpa-cl-compile-fp8dq", preset="tiny", steps=1, device="cuda"))
