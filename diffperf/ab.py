@@ -601,6 +601,9 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
                                            f"{base.get('memory_kind')}; not compared")
     comp_v, comp_line = _single_value("compile time (head vs base)", head.get("compile_s"), base.get("compile_s"),
                                       compile_tolerance, stats.fmt_seconds)
+    if comp_line and head.get("compile_kind") != base.get("compile_kind"):
+        comp_v, comp_line = "not compared", (f"compile time: head measured as {head.get('compile_kind')}, base as "
+                                             f"{base.get('compile_kind')}; not compared")
     for verdict, line, name in ((mem_v, mem_line, "peak memory"), (comp_v, comp_line, "compile time")):
         if line:
             lines.append(line)
@@ -611,10 +614,14 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
                      {"memory_verdict": mem_v, "compile_verdict": comp_v})
 
 
-def _compile_s(compiles: bool, cold_s: float | None, steady: Sequence[float]) -> float | None:
-    if not compiles or cold_s is None or not steady:
-        return None
-    return max(0.0, float(cold_s) - float(np.median(steady)))
+def _compile_figure(base_stats: dict, cold_s: float | None, steady: Sequence[float]) -> tuple[float | None, str | None]:
+    """The base side's compile seconds and their kind, as :func:`diffperf.harness.compile_figure` makes the head's."""
+    ahead = (base_stats.get("compile_info") or {}).get("ahead_of_time_compile_s")
+    if ahead is not None:
+        return float(ahead), "ahead-of-time"
+    if not base_stats.get("compiles") or cold_s is None or not steady:
+        return None, None
+    return max(0.0, float(cold_s) - float(np.median(steady))), "cold-start-excess"
 
 
 def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
@@ -665,13 +672,14 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     breakdowns = [runner.generate_instrumented()[1].as_dict() for _ in range(breakdown_rounds)]
     rec = harness.record(prepared, res.head, head_peak, breakdowns, steady_memory_kind=head_kind)
     head_side = {"versions": software_versions(), "python": _head_python(), "cold_start_s": prepared.cold_start_s,
-                 "build_s": prepared.build_s, "compile_s": rec.get("compile_s"),
+                 "build_s": prepared.build_s, "compile_s": rec.get("compile_s"), "compile_kind": rec.get("compile_kind"),
                  "peak_memory_bytes": rec["peak_memory_bytes"], "memory_kind": rec.get("memory_kind"),
                  "warmup_s": head_warm, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     hello = ab.hello or {}
+    base_compile, base_compile_kind = _compile_figure(base_stats, base_built.get("cold_start_s"), res.base)
     base_side = {"versions": hello.get("versions"), "python": hello.get("python"),
                  "cold_start_s": base_built.get("cold_start_s"), "build_s": base_built.get("build_s"),
-                 "compile_s": _compile_s(bool(base_stats.get("compiles")), base_built.get("cold_start_s"), res.base),
+                 "compile_s": base_compile, "compile_kind": base_compile_kind,
                  "peak_memory_bytes": {"cold": base_built.get("cold_peak_bytes"),
                                        "steady": base_stats.get("steady_peak_bytes")},
                  "memory_kind": base_stats.get("memory_kind"), "warmup_s": base_warm,

@@ -490,3 +490,18 @@ def test_launcher_pins_both_sides_of_a_case_to_its_workers_gpu(ab_repo):
     assert len(pins) == 2 and all(h == b for h, b in pins) and {h for h, _ in pins} == {"3", "5"}
     assert all(b["extra_info"]["ab"]["verdict"] == "improved" for b in benches)
     assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+
+
+def test_judge_compares_memory_and_compile_as_single_values_of_the_same_kind():
+    cmp = ab.paired_compare(*_pairs(1.0, 20, 0.01, 1), tolerance=0.05, alpha=0.01)
+    side = {"peak_memory_bytes": {"steady": 100 << 20}, "memory_kind": "peak_rss", "compile_s": 10.0,
+            "compile_kind": "cold-start-excess"}
+    out = ab.judge("t", side | {"compile_s": 14.0}, side, cmp, memory_tolerance=0.1, compile_tolerance=0.25)
+    assert out.failed and out.info == {"memory_verdict": "unchanged", "compile_verdict": "regressed"}
+    assert "t: A/B compile time regressed" in out.message
+    out = ab.judge("t", side | {"peak_memory_bytes": {"steady": 120 << 20}, "compile_kind": "ahead-of-time"}, side,
+                   cmp, memory_tolerance=0.1, compile_tolerance=0.25)
+    assert out.failed and out.info == {"memory_verdict": "regressed", "compile_verdict": "not compared"}
+    out = ab.judge("t", side | {"memory_kind": "cuda_allocator"}, side, cmp, memory_tolerance=0.1,
+                   compile_tolerance=0.25)
+    assert not out.failed and out.info["memory_verdict"] == "not compared" and "A/B unchanged" in out.message
