@@ -1,4 +1,4 @@
-"""``python -m diffperf``: list presets, compare saved runs, trends, baselines, launch isolated runs, measure one case."""
+"""``python -m diffperf``: list presets, compare saved runs, trends, baselines, launch isolated runs, confirm gate flags by A/B, measure one case."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("launch", help="run pytest in isolated processes, one worker per device, and merge the results "
                                       "(see python -m diffperf launch -h)", add_help=False)
     p.set_defaults(func=None)
+    p = sub.add_parser("confirm", help="re-measure the gate's flags of a run as A/B against their baseline commits "
+                                       "(see python -m diffperf confirm -h)", add_help=False)
+    p.set_defaults(func=None)
     p = sub.add_parser("run", help="build and measure one case outside pytest")
     p.add_argument("recipe", help="recipe tag or name, e.g. fp32-sdpa or bf16-sdpa-cl-compile")
     p.add_argument("--framework", default="torch", choices=("torch", "tf", "jax"), help="default: torch")
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from diffperf.baselines import main as baseline_main
 
         return baseline_main(argv[1:])
+    if argv and argv[0] == "confirm":
+        from diffperf.ab_confirm import main as confirm_main
+
+        return confirm_main(argv[1:])
     if argv and argv[0] == "launch":
         from diffperf.launcher import main as launch_main
 

@@ -5,7 +5,9 @@ looked up under ``--storage`` (default ``.benchmarks``, pytest-benchmark's ``<ma
 layout). Latency verdicts use the same rule as the gate (:func:`diffperf.stats.compare_samples`) on the
 round times of each side (the diffperf record's ``samples_s``, else pytest-benchmark's ``stats.data``).
 Outputs: a terminal table, ``--markdown`` (for ``$GITHUB_STEP_SUMMARY``) and ``--html`` (self-contained:
-figures inline as SVG). Exit status: 0, 1 when a test regressed, 2 on bad input.
+figures inline as SVG). ``compare RUN`` alone renders the A/B table of an A/B run (:mod:`diffperf.ab_report`);
+a head run carrying A/B results gets that table after the run-to-run one. Exit status: 0, 1 when a test
+regressed, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -518,8 +520,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     if argv[:1] == ["compare"]:
         argv = argv[1:]
     p = argparse.ArgumentParser(prog="python -m diffperf compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("base")
-    p.add_argument("head")
+    p.add_argument("base", help="base run; alone, an A/B run (--perf-ab-base/--perf-ab-python) to render")
+    p.add_argument("head", nargs="?", help="head run (omit it to render the A/B section of one A/B run)")
     p.add_argument("--storage", default=".benchmarks", help="pytest-benchmark storage folder (default .benchmarks)")
     p.add_argument("--markdown", help="write a markdown report here ('-' for $GITHUB_STEP_SUMMARY)")
     p.add_argument("--html", help="write a self-contained HTML report here")
@@ -532,6 +534,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.trend is not None and a.trend != "all" and not (a.trend.isdigit() and int(a.trend) >= 2):
         p.error("--trend takes a number >= 2 or 'all'")
+    if a.head is None:
+        return _main_ab(a)
     try:
         base = load_run(resolve_run(a.base, a.storage))
         head = load_run(resolve_run(a.head, a.storage))
@@ -539,11 +543,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     except RunError as exc:
         print(f"diffperf compare: error: {exc}", file=sys.stderr)
         return 2
-    print(render_table(rows, base, head))
+    from diffperf.ab_report import ab_records, render_ab_markdown, render_ab_table
+
+    ab = ab_records(head)
+    print(render_table(rows, base, head) + (f"\n\n{render_ab_table(ab)}" if ab else ""))
     if a.markdown:
         target = os.environ.get("GITHUB_STEP_SUMMARY") if a.markdown == "-" else a.markdown
         if target:
-            md = render_markdown(rows, base, head)
+            md = render_markdown(rows, base, head) + (f"\n{render_ab_markdown(ab)}" if ab else "")
             if a.markdown == "-":
                 with open(target, "a", encoding="utf-8") as fh:
                     fh.write(md)
@@ -553,6 +560,35 @@ def main(argv: Iterable[str] | None = None) -> int:
         trend = trend_runs_for(head, a.storage, a.trend) if a.trend else []
         atomic_write_text(a.html, render_html(rows, base, head, trend))
     return 1 if any(r.regressed for r in rows) else 0
+
+
+def _main_ab(a: argparse.Namespace) -> int:
+    """``compare RUN``: the A/B table of one A/B run; exit 1 when a test regressed, 2 on bad input."""
+    from diffperf.ab_report import ab_records, regressed, render_ab_markdown, render_ab_table
+
+    try:
+        run = load_run(resolve_run(a.base, a.storage))
+    except RunError as exc:
+        print(f"diffperf compare: error: {exc}", file=sys.stderr)
+        return 2
+    records = ab_records(run)
+    if not records:
+        print(f"diffperf compare: error: {run.path} carries no A/B results (run with --perf-ab-base or "
+              f"--perf-ab-python); give a base and a head run to compare two runs", file=sys.stderr)
+        return 2
+    print(render_ab_table(records))
+    if a.markdown:
+        target = os.environ.get("GITHUB_STEP_SUMMARY") if a.markdown == "-" else a.markdown
+        if target:
+            md = render_ab_markdown(records)
+            if a.markdown == "-":
+                with open(target, "a", encoding="utf-8") as fh:
+                    fh.write(md)
+            else:
+                atomic_write_text(target, md)
+    if a.html:
+        print("diffperf compare: --html renders two runs; not written for one A/B run", file=sys.stderr)
+    return 1 if any(regressed(ab) for _t, ab in records) else 0
 
 
 if __name__ == "__main__":

@@ -220,6 +220,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--perf-journal", default=None, metavar="FILE",
         help="append one JSON line per finished test (fsync'ed at once: a crash loses nothing measured), or "
              "'none'. Default: <cache dir>/journal/<time>-<pid>.jsonl.")
+    add("--perf-ab-base", default=None, metavar="REV",
+        help="interleaved A/B: also run git revision REV (checked out in a temporary worktree, in a worker process) "
+             "and judge each case on head/base round pairs in random order (diffperf/ab.py). Default: off.")
+    add("--perf-ab-python", default=None, metavar="PYTHON",
+        help="interleaved A/B: run the base side with this interpreter (another torch/TF/JAX environment); alone, "
+             "the base side is this tree in that interpreter. Default: the head's interpreter.")
+    add("--perf-ab-timeout", type=parse_seconds, default=600.0, metavar="SECONDS",
+        help="seconds the A/B base worker may take to answer one request (a build may take 30 min) before it is "
+             "killed as hung. Default: 600.")
     add("--perf-select", default=None, metavar="FILE",
         help="run only the node ids listed in FILE, one a line (used by python -m diffperf launch). Default: all.")
     add("--perf-dist-group", type=_choice("dist group", DIST_GROUPS), default="framework", metavar="UNIT",
@@ -467,6 +476,8 @@ def perf_case(request: pytest.FixtureRequest, perf_session: PerfSession):
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     perf = getattr(session.config, "_diffperf_session", None)
+    if perf is not None and perf.ab is not None:
+        perf.ab.close()
     if perf is not None:
         from diffperf.harness import release_shared
 

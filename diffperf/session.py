@@ -26,6 +26,7 @@ class PerfSession:
         self.references: dict = {}
         self.records: list[tuple[str, dict]] = []
         self.gate = make_gate(config)
+        self.ab = make_ab(config)
 
     def fidelity(self, prepared) -> dict | None:
         """Compare ``prepared``'s output with its fp32 reference (``None`` with --perf-no-fidelity)."""
@@ -58,12 +59,33 @@ class PerfSession:
         tolerance = float(marker.args[0]) if marker else opt("perf_tolerance")
         case = prepared.case
         benchmark.group = f"{case.framework}-{case.device}-{case.preset}"
-        rec = harness.measure(
-            prepared, None if getattr(benchmark, "disabled", False) else benchmark,
-            rounds=opt("perf_rounds"), warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
-            tolerance=tolerance, inject_slowdown=opt("perf_inject_slowdown"),
-            machine_reference=opt("perf_reference") != "off",
-        )
+        bench = None if getattr(benchmark, "disabled", False) else benchmark
+        ab_outcome = ab_error = None
+        if self.ab is not None:
+            from diffperf import ab
+
+            try:
+                rec, ab_outcome = ab.measure(
+                    self.ab, prepared, bench, test_id=request.node.nodeid, rounds=opt("perf_rounds"),
+                    warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"), tolerance=tolerance,
+                    alpha=opt("perf_alpha"), memory_tolerance=opt("perf_memory_tolerance"),
+                    compile_tolerance=opt("perf_compile_tolerance"), inject_slowdown=opt("perf_inject_slowdown"))
+            except ab.AbDoesNotFit as exc:
+                pytest.skip(str(exc))
+            except ab.AbError as exc:  # the head is still measured and kept; the test fails with the error
+                ab_error = str(exc)
+                if isinstance(exc, ab.AbWorkerError):
+                    self.ab.discard_worker()
+        if ab_outcome is None:
+            rec = harness.measure(
+                prepared, bench,
+                rounds=opt("perf_rounds"), warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
+                tolerance=tolerance, inject_slowdown=opt("perf_inject_slowdown"),
+                machine_reference=opt("perf_reference") != "off",
+            )
+        if ab_error is not None:
+            rec["ab"] = {"verdict": "error", "error": ab_error, "head_commit": self.ab.head_commit,
+                         "base_commit": self.ab.base_commit}
         try:
             result = self.fidelity(prepared)
             rec["fidelity"] = None if result is None else result.as_dict() | {"ok": result.ok}
@@ -80,6 +102,12 @@ class PerfSession:
         benchmark.extra_info.update(rec)
         distributed.attach_samples(self.config, benchmark, rec["samples_s"])  # an xdist worker's timing
         self.records.append((request.node.nodeid, rec))
+        if ab_error is not None:
+            pytest.fail(f"{request.node.nodeid}: A/B failed, head measured alone: {ab_error}", pytrace=False)
+        if ab_outcome is not None:  # the pairs decide; the stored-baseline gate's verdict is only recorded
+            if ab_outcome.failed:
+                pytest.fail(ab_outcome.message, pytrace=False)
+            return rec
         if self.gate is not None and outcome.failed:
             pytest.fail(outcome.message, pytrace=False)
         return rec
@@ -134,3 +162,18 @@ def make_gate(config: pytest.Config):
         history=opt("perf_baseline_history"),
         baselines_dir=Path(baselines).resolve() if baselines else Path(config.rootpath) / "baselines",
     ))
+
+
+def make_ab(config: pytest.Config):
+    """The A/B base side (:class:`diffperf.ab.AbSession`) from --perf-ab-base / --perf-ab-python, or ``None``."""
+    opt = config.getoption
+    if opt("perf_ab_base", None) is None and opt("perf_ab_python", None) is None:
+        return None
+    from diffperf import ab
+
+    try:
+        settings = ab.configure(Path(config.rootpath), opt("perf_ab_base"), opt("perf_ab_python"),
+                                opt("perf_ab_timeout"), opt("perf_seed"), opt("perf_malloc"))
+    except ab.AbError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    return ab.AbSession(settings)

@@ -29,11 +29,24 @@ def _drift(gate: dict) -> str:
     return f"{cv_s} / {flag_s}{star}"
 
 
+def ab_cell(ab: dict | None) -> str:
+    """``verdict ratio [low, high] n=pairs`` of an A/B record (``-`` without one)."""
+    if not ab:
+        return "-"
+    if ab.get("verdict") == "error" or ab.get("ratio") is None:
+        return str(ab.get("verdict", "-"))
+    low, high = ab["ci"]
+    return f"{ab['verdict']} {ab['ratio']:.3f} [{low:.3f}, {high:.3f}] n={ab['pairs']}"
+
+
 def results_table(records: list[tuple[str, dict]], published_path=None) -> list[str]:
     """The terminal table of this run's results, one line per case, then the published figures its cases
     match (:mod:`diffperf.published`), or why none applies."""
     header = ("case", "median", "cv", "cold start", "compile", "peak mem", "img/s", "fidelity", "gate",
               "run-to-run cv / flags from")
+    with_ab = any(r.get("ab") for _nodeid, r in records)
+    if with_ab:
+        header += ("A/B",)
     rows = []
     for _nodeid, r in records:
         fid = r.get("fidelity") or {}
@@ -49,11 +62,11 @@ def results_table(records: list[tuple[str, dict]], published_path=None) -> list[
             f"{r['framework']}-{r['device']}-{r['case']['id']}", _fmt_s(r["median_s"]), f"{r['cv'] * 100:.1f}%",
             _fmt_s(r["cold_start_s"]), _fmt_s(r.get("compile_s")), _fmt_bytes(r["peak_memory_bytes"].get("steady")),
             f"{r['images_per_s']:.2f}", fid_s, gate, _drift(r.get("gate") or {}),
-        ))
+        ) + ((ab_cell(r.get("ab")),) if with_ab else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     out = [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
-    if any(row[-1].endswith("*") for row in rows):
+    if any(row[9].endswith("*") for row in rows):
         out.append("* baseline history under 3 runs: the verdict ignores between-run drift (within-run noise only)")
     measured = [(f"{r['framework']}-{r['device']}-{r['case']['id']}", r, r["median_s"]) for _n, r in records]
     return out + [""] + published.run_figures(measured, path=published_path).text_lines()

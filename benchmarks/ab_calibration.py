@@ -1,0 +1,183 @@
+"""Calibrate interleaved A/B against the stored-baseline gate: A/A false alarms, A/B detection of a real slowdown.
+
+Rerun with::
+
+    python benchmarks/ab_calibration.py                         # 20 A/A + 20 A/B runs (run it alone: ~1-2 h on 2 cores)
+    python benchmarks/ab_calibration.py --runs 2                # a quick check that it works
+    python benchmarks/ab_calibration.py --runs 20 --wall-time   # also: wall time of the default CPU matrix, A/B vs plain
+
+Design. The committed ``HEAD`` of this checkout is cloned into a temporary folder (commit ``A``), and a
+commit ``B`` is made there whose torch builder busy-waits after every UNet call for ``--slowdown`` (6 %) of
+that call's own synchronized duration: the denoising loop about 6 % slower, for real, with the machine's
+noise. One plain run at ``A`` records the stored baselines (``--perf-update-baselines``). Then ``--runs``
+A/A runs (``A`` checked out, ``--perf-ab-base A``) and ``--runs`` A/B runs (``B`` checked out,
+``--perf-ab-base A``) alternate, each a fresh pytest process on the two eager torch tiny cases
+(``torch:fp32-classic,torch:fp32-sdpa``) with ``--perf-tolerance 0.03``. Every run gives two verdicts per
+case on the same head rounds: the A/B verdict (paired rounds, ``extra_info["ab"]``) and the stored-baseline
+gate's (``extra_info["gate"]``), so both are judged on the same machine in the same hour.
+
+The bar (issue 11): at most 1 of 40 A/A verdicts "regressed", at least 38 of 40 A/B verdicts "regressed".
+The report (``--out``, JSON, written atomically after every run) keeps every run's verdicts, ratios and
+pair counts; the table printed at the end counts the verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffperf.fileio import atomic_write_text  # noqa: E402
+
+RECIPES = "torch:fp32-classic,torch:fp32-sdpa"
+ANCHOR = "    return TorchRunner(case, pipe, device, state)\n"
+SLOW_PATCH = '''    _unet_forward = pipe.unet.forward
+    _slow = float({slowdown!r})  # ab_calibration: the denoising loop made slower, for real
+
+    def _slowed_forward(*args, **kwargs):
+        import time as _time
+
+        start = _time.perf_counter()
+        out = _unet_forward(*args, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        until = start + (_time.perf_counter() - start) * (1.0 + _slow)
+        while _time.perf_counter() < until:
+            pass
+        return out
+
+    pipe.unet.forward = _slowed_forward
+'''
+
+
+def git(repo: Path, *args: str) -> str:
+    env = dict(os.environ, GIT_AUTHOR_NAME="ab-calibration", GIT_AUTHOR_EMAIL="ab@localhost",
+               GIT_COMMITTER_NAME="ab-calibration", GIT_COMMITTER_EMAIL="ab@localhost")
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env).stdout.strip()
+
+
+def make_clone(tmp: Path, slowdown: float) -> tuple[Path, str, str]:
+    """Clone HEAD into ``tmp/repo``; commit the slowed builder on top. Returns (repo, commit A, commit B)."""
+    if git(ROOT, "status", "--porcelain", "--untracked-files=no"):
+        print("note: uncommitted changes are not calibrated (the clone is of the committed HEAD)", file=sys.stderr)
+    repo = tmp / "repo"
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(repo)], check=True)
+    git(repo, "checkout", "--quiet", "--detach", git(ROOT, "rev-parse", "HEAD"))
+    a = git(repo, "rev-parse", "HEAD")
+    builder = repo / "pipelines" / "torch_diffusers.py"
+    text = builder.read_text()
+    if text.count(ANCHOR) != 1:
+        raise SystemExit(f"ab_calibration: cannot find {ANCHOR.strip()!r} once in {builder}; update SLOW_PATCH's anchor")
+    builder.write_text(text.replace(ANCHOR, SLOW_PATCH.format(slowdown=slowdown) + ANCHOR))
+    git(repo, "commit", "--quiet", "-am", f"ab_calibration: UNet {slowdown:.0%} slower")
+    b = git(repo, "rev-parse", "HEAD")
+    return repo, a, b
+
+
+def run_pytest(repo: Path, commit: str, args: list[str], json_path: Path) -> tuple[dict, float, int]:
+    """Check ``commit`` out, run the suite in a fresh process; (benchmark json, wall seconds, exit status)."""
+    git(repo, "checkout", "--quiet", "--detach", commit)
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-m", "pytest", "perf/test_pipelines.py", "-p", "no:randomly", "-p", "no:cacheprovider",
+           "-q", "--benchmark-json", str(json_path), *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if not json_path.is_file():
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"ab_calibration: pytest wrote no results (exit status {proc.returncode}): {' '.join(cmd)}")
+    return json.loads(json_path.read_text()), wall, proc.returncode
+
+
+def verdicts(data: dict) -> dict[str, dict]:
+    out = {}
+    for bench in data["benchmarks"]:
+        rec = bench.get("extra_info") or {}
+        ab, gate = rec.get("ab") or {}, rec.get("gate") or {}
+        out[rec.get("case", {}).get("id", bench["name"])] = {
+            "ab": ab.get("verdict"), "ab_ratio": ab.get("ratio"), "ab_ci": ab.get("ci"), "pairs": ab.get("pairs"),
+            "ab_min_detectable": ab.get("min_detectable_slowdown"), "ab_error": ab.get("error"),
+            "gate": gate.get("verdict"), "gate_ratio": gate.get("ratio"),
+        }
+    return out
+
+
+def table(report: dict) -> str:
+    rows = []
+    for cond in ("A/A", "A/B"):
+        runs = [r for r in report["runs"] if r["condition"] == cond]
+        for judge in ("ab", "gate"):
+            c = Counter(v[judge] for r in runs for v in r["cases"].values())
+            n = sum(c.values())
+            rows.append((cond, "interleaved A/B" if judge == "ab" else "stored-baseline gate", n,
+                         c.get("regressed", 0), c.get("unchanged", 0), c.get("inconclusive", 0), c.get("improved", 0),
+                         sum(v for k, v in c.items() if k not in ("regressed", "unchanged", "inconclusive", "improved"))))
+    header = ("runs", "judge", "verdicts", "regressed", "unchanged", "inconclusive", "improved", "other")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header, *rows]]
+    walls = [r["wall_s"] for r in report["runs"]]
+    if walls and report.get("baseline_wall_s"):
+        lines.append(f"wall time: plain run {report['baseline_wall_s']:.0f} s, A/B runs median "
+                     f"{sorted(walls)[len(walls) // 2]:.0f} s (these two cases)")
+    if report.get("wall_matrix"):
+        w = report["wall_matrix"]
+        lines.append(f"default CPU matrix: plain {w['plain_s']:.0f} s, A/B {w['ab_s']:.0f} s, ratio {w['ratio']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=20, help="A/A runs and A/B runs, each (default 20)")
+    p.add_argument("--slowdown", type=float, default=0.06, help="UNet slowdown of commit B (default 0.06)")
+    p.add_argument("--tolerance", default="0.03", help="--perf-tolerance (default 0.03)")
+    p.add_argument("--recipes", default=RECIPES, help=f"--perf-recipes (default {RECIPES})")
+    p.add_argument("--extra", default="", help="more pytest options, e.g. '--perf-max-time 60'")
+    p.add_argument("--wall-time", action="store_true", help="also time one plain and one A/B run of the default CPU matrix")
+    p.add_argument("--out", default=str(ROOT / "reports" / "ab_calibration.json"), help="report (default reports/ab_calibration.json)")
+    a = p.parse_args(argv)
+    common = ["--perf-frameworks", "torch", "--perf-recipes", a.recipes, "--perf-tolerance", a.tolerance,
+              "--perf-no-fidelity", "-k", "latency", *a.extra.split()]
+    out = Path(a.out)
+    with tempfile.TemporaryDirectory(prefix="ab-calibration-") as tmp:
+        tmp = Path(tmp)
+        repo, commit_a, commit_b = make_clone(tmp, a.slowdown)
+        baselines = tmp / "baselines"
+        report: dict = {"commit_a": commit_a, "commit_b": commit_b, "slowdown": a.slowdown, "tolerance": a.tolerance,
+                        "recipes": a.recipes, "started": time.time(), "loadavg": os.getloadavg()[0], "runs": []}
+        gate_opts = ["--perf-baselines-dir", str(baselines)]
+        _data, wall, _rc = run_pytest(repo, commit_a, [*common, *gate_opts, "--perf-update-baselines"], tmp / "base.json")
+        report["baseline_wall_s"] = wall
+        print(f"baselines recorded at A ({wall:.0f} s)", file=sys.stderr, flush=True)
+        for i in range(a.runs):
+            for cond, head in (("A/A", commit_a), ("A/B", commit_b)):
+                data, wall, rc = run_pytest(repo, head, [*common, *gate_opts, "--perf-ab-base", commit_a],
+                                            tmp / f"run-{i}-{cond.replace('/', '')}.json")
+                got = verdicts(data)
+                report["runs"].append({"condition": cond, "index": i, "wall_s": wall, "exit_status": rc, "cases": got,
+                                       "loadavg": os.getloadavg()[0]})
+                atomic_write_text(out, json.dumps(report, indent=1))
+                print(f"run {i + 1}/{a.runs} {cond}: " + ", ".join(f"{k}: A/B {v['ab']} {v['ab_ratio'] or 0:.3f}, "
+                      f"gate {v['gate']}" for k, v in got.items()) + f" ({wall:.0f} s)", file=sys.stderr, flush=True)
+        if a.wall_time:
+            _d, plain_s, _ = run_pytest(repo, commit_a, ["--perf-no-fidelity", "-k", "latency"], tmp / "wall-plain.json")
+            _d, ab_s, _ = run_pytest(repo, commit_a, ["--perf-no-fidelity", "-k", "latency", "--perf-ab-base", commit_a],
+                                     tmp / "wall-ab.json")
+            report["wall_matrix"] = {"plain_s": plain_s, "ab_s": ab_s, "ratio": ab_s / plain_s}
+        report["finished"] = time.time()
+        atomic_write_text(out, json.dumps(report, indent=1))
+    print(table(report))
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,705 @@
+"""Interleaved A/B: the head's rounds and a base worker's rounds in random-order pairs, judged on their ratios.
+
+``--perf-ab-base REV`` checks ``REV`` out in a temporary git worktree (``git worktree add --detach``) and
+runs its suite in a long-lived worker process (:mod:`diffperf.ab_worker`), by the head's interpreter or
+by ``--perf-ab-python``; ``--perf-ab-python`` alone runs the head's own tree in the other interpreter.
+For every case both sides are built (each cold start recorded) and warmed, then rounds come in pairs,
+one head round and one base round in a seeded random order, one side running while the other waits
+holding its pipeline. The verdict comes from the paired log-ratios (head/base), :func:`paired_compare`.
+
+Note: a stored baseline compares rounds measured minutes or days apart, and a shared machine's speed
+drifts by more than a regression in that time. Rounds taken in alternation see the same machine: the
+drift cancels in each pair's ratio, which is why the pairs, not the two sets of rounds, are compared
+(Abedi & Brecht, ICPE 2017; Bulej et al., ICPE 2020).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from diffperf import stats
+
+WORKER_SOURCE = Path(__file__).with_name("ab_worker.py")
+SUITE_FILES = ("diffperf/harness.py", "diffperf/cases.py", "diffperf/timing.py")
+MIN_PAIRS = 10  # fewer pairs never decide "unchanged" (a bootstrap of a handful of pairs is too narrow)
+BUILD_TIMEOUT_FLOOR_S = 1800.0  # a build (download, compile, autotune) may take long; a round may not
+
+
+class AbError(Exception):
+    """An A/B run that cannot go on; the message names the option, revision, interpreter or worker."""
+
+
+class AbWorkerError(AbError):
+    """The base worker died, hung, or answered a request with an error."""
+
+
+class AbWorkerTimeout(AbWorkerError):
+    """The base worker did not answer within ``--perf-ab-timeout``."""
+
+
+class AbDoesNotFit(AbError):
+    """The two sides of a case do not fit on the device together (the case is skipped)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedComparison:
+    """The verdict on paired rounds: ratio = exp(median of log(head / base))."""
+
+    verdict: str
+    ratio: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    p_slower: float
+    p_faster: float
+    pairs: int
+    min_detectable: float
+    tolerance: float
+    alpha: float
+
+    @property
+    def p_value(self) -> float:
+        return self.p_faster if self.verdict == "improved" else self.p_slower
+
+    @property
+    def decided(self) -> bool:
+        """Enough pairs: a regression or improvement is shown, or the interval excludes both at the tolerance."""
+        if self.verdict in ("regressed", "improved"):
+            return True
+        return self.pairs >= MIN_PAIRS and self.ci_low > 1 - self.tolerance and self.ci_high < 1 + self.tolerance
+
+    def describe(self) -> str:
+        return (f"A/B {self.verdict}: head/base ratio {self.ratio:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] over "
+                f"{self.pairs} pairs, Wilcoxon p={self.p_value:.3g}, tolerance {self.tolerance:.0%}, smallest "
+                f"detectable slowdown {self.min_detectable:.1%}")
+
+
+def _wilcoxon_p(d: np.ndarray, alternative: str) -> float:
+    from scipy.stats import wilcoxon
+
+    if d.size < 2 or not np.any(d != 0):
+        return 1.0
+    return float(wilcoxon(d, alternative=alternative).pvalue)
+
+
+def paired_compare(head: Sequence[float], base: Sequence[float], tolerance: float = 0.10, alpha: float = 0.01,
+                   n_boot: int = stats.DEFAULT_BOOT, seed: int = stats.DEFAULT_SEED, power: float = 0.8) -> PairedComparison:
+    """The A/B decision on paired round times (``head[i]`` and ``base[i]`` measured back to back).
+
+    Effect: the median of the paired log-ratios, as a ratio, with a percentile bootstrap interval (pairs
+    resampled, confidence ``1 - alpha``); significance: one-sided Wilcoxon signed-rank tests on the
+    log-ratios. The verdict follows the gate's rule (:func:`diffperf.stats.compare_samples`): ``regressed``
+    needs ``p_slower < alpha``, the interval reaching ``1 + tolerance`` and the ratio above
+    ``1 + tolerance / 2``; ``improved`` the mirror image; ``unchanged`` when the interval lies inside
+    ``(1 - tolerance, 1 + tolerance)`` (a change of the tolerance's size is ruled out), or as the gate says
+    it (ratio within half the tolerance, pairs able to detect the tolerance), from ``MIN_PAIRS`` pairs on;
+    else ``inconclusive``.
+    ``min_detectable`` is the slowdown the pairs detect with probability ``power``
+    (bootstrap standard error of the median log-ratio).
+    """
+    h, b = stats._arr(head), stats._arr(base)
+    if h.size != b.size:
+        raise ValueError(f"paired samples differ in length: {h.size} head, {b.size} base")
+    d = np.log(h / b)
+    confidence = 1 - alpha if alpha < 0.5 else 0.95
+    rng = np.random.default_rng(seed)
+    if d.size >= 2:
+        boot = np.median(d[rng.integers(0, d.size, size=(n_boot, d.size))], axis=1)
+        tail = (1 - confidence) / 2 * 100
+        low, high = (float(x) for x in np.percentile(boot, [tail, 100 - tail]))
+        se = float(np.std(boot, ddof=1))
+        mds = math.expm1((stats._z(1 - alpha) + stats._z(power)) * se)
+    else:
+        low = high = float(d[0])
+        mds = float("inf")
+    ratio = math.exp(float(np.median(d)))
+    ci_low, ci_high = math.exp(low), math.exp(high)
+    p_slow, p_fast = _wilcoxon_p(d, "greater"), _wilcoxon_p(d, "less")
+    half = tolerance / 2
+    if p_slow < alpha and ci_high >= 1 + tolerance and ratio > 1 + half:
+        verdict = "regressed"
+    elif p_fast < alpha and ci_low <= 1 - tolerance and ratio < 1 - half:
+        verdict = "improved"
+    elif d.size >= MIN_PAIRS and ((ci_low > 1 - tolerance and ci_high < 1 + tolerance)
+                                  or (abs(ratio - 1) <= half and mds <= tolerance)):
+        verdict = "unchanged"
+    else:
+        verdict = "inconclusive"
+    return PairedComparison(verdict, ratio, ci_low, ci_high, confidence, p_slow, p_fast, int(d.size), mds,
+                            tolerance, alpha)
+
+
+def pair_orders(rng: np.random.Generator, n: int) -> list[str]:
+    """``n`` pair orders, each ``"HB"`` (head first) or ``"BH"``, drawn from ``rng``."""
+    return ["HB" if x else "BH" for x in rng.integers(0, 2, size=n)]
+
+
+def order_seed(seed: int, test_id: str) -> int:
+    """The seed of a test's pair orders: reproducible from the run's ``--perf-seed`` and the test id."""
+    return (int(seed) * 1_000_003 + zlib.crc32(test_id.encode())) % 2**32
+
+
+# --------------------------------------------------------------------------------------------------
+# git
+# --------------------------------------------------------------------------------------------------
+
+
+def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=check, timeout=300)
+
+
+def repo_root(path: Path) -> Path:
+    """The git top-level folder of ``path``; :class:`AbError` when it is not in a git checkout."""
+    try:
+        out = _git(path, "rev-parse", "--show-toplevel", check=False)
+    except FileNotFoundError:
+        raise AbError("--perf-ab-base needs git, which is not installed") from None
+    if out.returncode:
+        raise AbError(f"--perf-ab-base: {path} is not inside a git checkout ({out.stderr.strip()})")
+    return Path(out.stdout.strip())
+
+
+def resolve_revision(repo: Path, rev: str, suite_dir: str = "") -> str:
+    """The commit id ``rev`` names, checked to contain the suite; :class:`AbError` names the revision."""
+    out = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
+    if out.returncode or not out.stdout.strip():
+        raise AbError(f"--perf-ab-base {rev!r}: unknown revision in {repo} (try a branch, tag or commit id; "
+                      f"for a pull request's base, fetch it first)")
+    sha = out.stdout.strip()
+    prefix = f"{suite_dir.strip('/')}/" if suite_dir.strip("/") else ""
+    missing = [f for f in SUITE_FILES if _git(repo, "cat-file", "-e", f"{sha}:{prefix}{f}", check=False).returncode]
+    if missing:
+        raise AbError(f"--perf-ab-base {rev!r} ({sha[:12]}): the revision has no diffperf suite "
+                      f"(missing {', '.join(prefix + m for m in missing)})")
+    return sha
+
+
+def head_commit(path: Path) -> dict:
+    """``{"id", "dirty"}`` of the checkout at ``path`` (``{}`` outside git)."""
+    try:
+        sha = _git(path, "rev-parse", "HEAD", check=False).stdout.strip()
+        dirty = bool(_git(path, "status", "--porcelain", "--untracked-files=no", check=False).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"id": sha or None, "dirty": dirty}
+
+
+def check_python(python: str) -> str:
+    """The absolute path of the ``--perf-ab-python`` interpreter; :class:`AbError` if it is missing or broken."""
+    exe = shutil.which(python) if os.sep not in python else python
+    if not exe or not os.path.isfile(exe) or not os.access(exe, os.X_OK):
+        raise AbError(f"--perf-ab-python {python}: no such executable interpreter")
+    try:
+        out = subprocess.run([exe, "-c", "import sys; print(sys.version_info >= (3, 10))"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise AbError(f"--perf-ab-python {python}: cannot run it ({exc})") from None
+    if out.returncode or out.stdout.strip() != "True":
+        raise AbError(f"--perf-ab-python {python}: not a Python >= 3.10 interpreter "
+                      f"({(out.stderr or out.stdout).strip()[-200:]})")
+    return os.path.abspath(exe)
+
+
+# --------------------------------------------------------------------------------------------------
+# The base worker
+# --------------------------------------------------------------------------------------------------
+
+
+class BaseWorker:
+    """A running :mod:`diffperf.ab_worker` process: JSON-line requests with a timeout each."""
+
+    def __init__(self, python: str, tree: Path, scratch: Path, timeout_s: float, env: dict | None = None):
+        self.python, self.tree, self.timeout_s = python, Path(tree), float(timeout_s)
+        script = Path(scratch) / "diffperf_ab_worker.py"
+        shutil.copyfile(WORKER_SOURCE, script)
+        self.log_path = Path(scratch) / "worker.log"
+        self._log = open(self.log_path, "w+b")
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.tree), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                                if p and Path(p).resolve() != self.tree.resolve()]])
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("PYTHONSAFEPATH", None)
+        # A session of its own: Ctrl-C at the terminal reaches the head, which then closes the worker.
+        self.proc = subprocess.Popen([python, "-u", str(script)], cwd=str(self.tree), env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, start_new_session=True)
+        self.busy = False
+        self._lines: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            self._log.flush()
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-n:])
+
+    def request(self, cmd: str, timeout_s: float | None = None, **kwargs: Any) -> dict:
+        """Send one request and wait for its answer; :class:`AbWorkerError` names what went wrong."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        if self.proc.poll() is not None:
+            raise self._died(cmd)
+        self.busy = True  # until the answer comes: a worker interrupted mid-request is killed, not asked
+        try:
+            self.proc.stdin.write((json.dumps({"cmd": cmd, **kwargs}) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._died(cmd) from None
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            raise AbWorkerTimeout(f"A/B base worker ({self.python}, {self.tree}) did not answer {cmd!r} within "
+                                  f"{timeout:.0f} s (--perf-ab-timeout); killed it. Its last output:\n"
+                                  f"{self.log_tail()}") from None
+        if line is None:
+            self.proc.wait(timeout=30)
+            raise self._died(cmd)
+        self.busy = False
+        try:
+            answer = json.loads(line)
+        except json.JSONDecodeError:
+            raise AbWorkerError(f"A/B base worker sent a line that is not JSON in answer to {cmd!r}: {line[:200]!r}") from None
+        if not answer.get("ok"):
+            raise AbWorkerError(f"A/B base worker failed {cmd!r}: {answer.get('error')}\n{self.log_tail()}")
+        return answer
+
+    def _died(self, cmd: str) -> AbWorkerError:
+        code = self.proc.poll()
+        return AbWorkerError(f"A/B base worker ({self.python}, {self.tree}) crashed (exit status {code}) during "
+                             f"{cmd!r}. Its last output:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            pass
+
+    def close(self) -> None:
+        """Ask the worker to exit (a few seconds' grace), else kill it; idempotent."""
+        if self.proc.poll() is None and not self.busy:
+            try:
+                self.request("close", timeout_s=30)
+            except AbWorkerError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        for fh in (self.proc.stdin, self.proc.stdout, self._log):
+            try:
+                fh.close()
+            except OSError:  # pragma: no cover
+                pass
+
+
+# --------------------------------------------------------------------------------------------------
+# The session's A/B side: worktree + worker, created on first use, removed on exit
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AbSettings:
+    rootdir: Path
+    base_rev: str | None = None
+    python: str | None = None
+    timeout_s: float = 600.0
+    seed: int = 0
+    base_sha: str | None = None  # resolved at configure time
+    repo: Path | None = None
+    suite_dir: str = ""  # the rootdir relative to the git top level
+    malloc: str = "steady"  # --perf-malloc, applied in the worker too
+
+
+def configure(rootdir: Path, base_rev: str | None, python: str | None, timeout_s: float, seed: int,
+              malloc: str = "steady") -> AbSettings | None:
+    """Validate the A/B options up front (:class:`AbError` naming the bad one); ``None`` without A/B."""
+    if base_rev is None and python is None:
+        return None
+    s = AbSettings(Path(rootdir).resolve(), base_rev, python, timeout_s, seed, malloc=malloc)
+    if python is not None:
+        s.python = check_python(python)
+    if base_rev is not None:
+        s.repo = repo_root(s.rootdir)
+        s.suite_dir = str(s.rootdir.relative_to(s.repo.resolve())) if s.rootdir != s.repo.resolve() else ""
+        s.base_sha = resolve_revision(s.repo, base_rev, s.suite_dir)
+    return s
+
+
+class AbSession:
+    """The base side of a run: one worktree and one worker, started lazily and closed on every exit path."""
+
+    def __init__(self, settings: AbSettings):
+        self.settings = settings
+        self.worker: BaseWorker | None = None
+        self.hello: dict | None = None
+        self.scratch: Path | None = None
+        self.worktree: Path | None = None
+        self.fatal: str | None = None
+        self._closed = False
+        self._old_sigterm = None
+        self.head_commit = head_commit(settings.rootdir)
+
+    @property
+    def base_commit(self) -> dict:
+        s = self.settings
+        if s.base_sha:
+            return {"id": s.base_sha, "rev": s.base_rev, "dirty": False}
+        return dict(self.head_commit, rev="(head tree)")
+
+    def start(self) -> BaseWorker:
+        """The worker, created (worktree checked out, process started, imports verified) on first call.
+
+        A worker that died is replaced; a side that failed to start fails every later case the same way.
+        """
+        if self.fatal:
+            raise AbError(self.fatal)
+        if self.worker is not None and self.worker.proc.poll() is None:
+            return self.worker
+        self.discard_worker()
+        try:
+            return self._start()
+        except AbError as exc:
+            self.fatal = str(exc)
+            self.discard_worker()
+            raise
+
+    def _start(self) -> BaseWorker:
+        s = self.settings
+        if self.scratch is None:
+            self._install_cleanup()
+            self.scratch = Path(tempfile.mkdtemp(prefix="diffperf-ab-"))
+        tree = s.rootdir
+        if s.base_sha:
+            if self.worktree is None:
+                worktree = self.scratch / "base"
+                out = _git(s.repo, "worktree", "add", "--detach", str(worktree), s.base_sha, check=False)
+                if out.returncode:
+                    raise AbError(f"--perf-ab-base {s.base_rev!r}: git worktree add failed: {out.stderr.strip()}")
+                self.worktree = worktree
+            tree = self.worktree / s.suite_dir if s.suite_dir else self.worktree
+        python = s.python or _head_python()
+        self.worker = BaseWorker(python, tree, self.scratch, s.timeout_s,
+                                 env=dict(os.environ, DIFFPERF_AB_MALLOC=s.malloc))
+        try:
+            self.hello = self.worker.request("hello", timeout_s=max(s.timeout_s, 120.0))
+        except AbWorkerError as exc:
+            raise AbError(f"A/B base side ({python}, tree {tree}) does not start: {exc}") from None
+        self._check_imports(tree)
+        return self.worker
+
+    def discard_worker(self) -> None:
+        """Kill the worker (after a crash or a hang) so the next case starts a fresh one."""
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.close()
+
+    def _check_imports(self, tree: Path) -> None:
+        """The worker must run the base tree's diffperf and pipelines, not the head's (editable) install."""
+        tree = tree.resolve()
+        files = [self.hello["diffperf_file"], *(self.hello.get("pipelines_path") or [])[:1]]
+        wrong = [f for f in files if not f or not Path(f).resolve().is_relative_to(tree)]
+        if wrong:
+            raise AbError(f"A/B base worker imported {', '.join(map(str, wrong))} instead of the base tree {tree}: "
+                          f"something on that interpreter's path (a .pth file, sitecustomize) puts another diffperf first")
+
+    def _install_cleanup(self) -> None:
+        atexit.register(self.close)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            def on_term(signum, frame):
+                raise KeyboardInterrupt  # pytest stops the session as on Ctrl-C: sessionfinish -> close()
+
+            self._old_sigterm = signal.signal(signal.SIGTERM, on_term)
+
+    def close(self) -> None:
+        """Stop the worker and remove the worktree and scratch folder (idempotent; never raises)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.discard_worker()
+        except Exception:  # pragma: no cover - best effort on the way out
+            pass
+        if self.worktree is not None and self.settings.repo is not None:
+            _git(self.settings.repo, "worktree", "remove", "--force", str(self.worktree), check=False)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.settings.repo is not None and self.worktree is not None:
+            _git(self.settings.repo, "worktree", "prune", check=False)
+        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+        try:
+            atexit.unregister(self.close)
+        except Exception:  # pragma: no cover
+            pass
+
+    # -- one case ----------------------------------------------------------------------------------
+
+    def build(self, case) -> dict:
+        """Build ``case`` in the worker; a device-memory failure becomes :class:`AbDoesNotFit`."""
+        worker = self.start()
+        try:
+            with _progress(f"A/B base {case.id}: build and first call in the base worker"):
+                return worker.request("build", timeout_s=max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S),
+                                      case=case.as_dict())
+        except AbWorkerError as exc:
+            text = str(exc)
+            if "ModuleNotFoundError" in text or "ImportError" in text:
+                raise AbError(f"the A/B base side ({self.hello.get('python') if self.hello else '?'}) lacks the "
+                              f"{case.framework} stack for {case.id}: {text.splitlines()[0]}") from None
+            if "out of memory" in text.lower() or "OutOfMemory" in text or "RESOURCE_EXHAUSTED" in text:
+                raise AbDoesNotFit(f"the base side of {case.id} does not fit on the device next to the head's "
+                                   f"pipeline: {text.splitlines()[0]}") from None
+            raise
+
+
+def _head_python() -> str:
+    import sys
+
+    return sys.executable
+
+
+def check_fits(case, head_peak_bytes: int | None) -> None:
+    """Raise :class:`AbDoesNotFit` when a CUDA device lacks the free memory for a second copy of the case."""
+    if case.device != "cuda" or not head_peak_bytes:
+        return
+    try:
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+    except Exception:  # no torch or no CUDA in this process: the base build will tell
+        return
+    need = int(head_peak_bytes * 1.05)
+    if free < need:
+        raise AbDoesNotFit(f"the two sides of {case.id} do not fit on the GPU together: the head's pipeline peaked "
+                           f"at {stats.fmt_bytes(head_peak_bytes)}, {stats.fmt_bytes(free)} free for the base side")
+
+
+# --------------------------------------------------------------------------------------------------
+# The interleaved measurement
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PairsResult:
+    head: list[float]
+    base: list[float]
+    order: list[str]
+    comparison: PairedComparison
+    head_warm: list[float]
+    base_warm: list[float]
+    seconds: float
+
+
+def run_pairs(head_round: Callable[[], float], base_round: Callable[[], float], *, min_pairs: int, warmup_rounds: int,
+              max_time_s: float, tolerance: float, alpha: float, seed: int, max_pairs: int = 400,
+              compare: Callable[..., PairedComparison] = paired_compare) -> PairsResult:
+    """Warm both sides (alternating), then take pairs in random order until decided or ``max_time_s`` is spent.
+
+    At least ``min_pairs`` pairs; then, while :attr:`PairedComparison.decided` is false and the budget
+    allows, batches of half as many pairs again (at least 4). Only one side runs at a time.
+    """
+    rng = np.random.default_rng(seed)
+    head_warm, base_warm = [], []
+    for _ in range(warmup_rounds):
+        head_warm.append(head_round())
+        base_warm.append(base_round())
+    head, base, order = [], [], []
+    start = time.perf_counter()
+
+    def take(n: int) -> None:
+        for o in pair_orders(rng, n):
+            if o == "HB":
+                h = head_round()
+                b = base_round()
+            else:
+                b = base_round()
+                h = head_round()
+            head.append(h)
+            base.append(b)
+            order.append(o)
+
+    take(max(min_pairs, 2))
+    cmp = compare(head, base, tolerance=tolerance, alpha=alpha)
+    while not cmp.decided and len(head) < max_pairs:
+        elapsed = time.perf_counter() - start
+        pair_s = elapsed / len(head)
+        room = int((max_time_s - elapsed) // pair_s) if pair_s > 0 else max_pairs
+        n = min(max(4, len(head) // 2), room, max_pairs - len(head))
+        if n < 1:
+            break
+        take(n)
+        cmp = compare(head, base, tolerance=tolerance, alpha=alpha)
+    return PairsResult(head, base, order, cmp, head_warm, base_warm, time.perf_counter() - start)
+
+
+def _record_rounds(benchmark, samples: Sequence[float]) -> None:
+    """Hand the head's measured round times to the pytest-benchmark fixture as its stats.
+
+    Note: pytest-benchmark times rounds in its own loop (``pedantic``), one call after another, with no
+    way to run the base's round between two of them and stop when the pairs decide. The head's rounds are
+    therefore timed here (synchronized before each clock read, as ``pedantic`` would) and given to the
+    fixture's stats object, so saved runs and ``pytest-benchmark compare`` read the head's rounds as usual.
+    """
+    bench_stats = benchmark._make_stats(1)
+    benchmark._mode = "diffperf A/B pairs"
+    for s in samples:
+        bench_stats.update(s)
+
+
+@dataclasses.dataclass
+class AbOutcome:
+    failed: bool
+    message: str
+    info: dict[str, Any]
+
+
+def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_tolerance: float,
+          compile_tolerance: float) -> AbOutcome:
+    """The A/B verdict of a test: latency from the pairs, peak memory and compile time as single values."""
+    from diffperf.gate import _single_value, _steady_memory
+
+    lines = [cmp.describe()]
+    failures = ["latency"] if cmp.verdict == "regressed" else []
+    mem_v, mem_line = _single_value("peak memory (head vs base)", _steady_memory(head.get("peak_memory_bytes")),
+                                    _steady_memory(base.get("peak_memory_bytes")), memory_tolerance, stats.fmt_bytes)
+    if head.get("memory_kind") != base.get("memory_kind"):
+        mem_v, mem_line = "not compared", (f"peak memory: head measured as {head.get('memory_kind')}, base as "
+                                           f"{base.get('memory_kind')}; not compared")
+    comp_v, comp_line = _single_value("compile time (head vs base)", head.get("compile_s"), base.get("compile_s"),
+                                      compile_tolerance, stats.fmt_seconds)
+    if comp_line and head.get("compile_kind") != base.get("compile_kind"):
+        comp_v, comp_line = "not compared", (f"compile time: head measured as {head.get('compile_kind')}, base as "
+                                             f"{base.get('compile_kind')}; not compared")
+    for verdict, line, name in ((mem_v, mem_line, "peak memory"), (comp_v, comp_line, "compile time")):
+        if line:
+            lines.append(line)
+        if verdict == "regressed":
+            failures.append(name)
+    headline = f"{test_id}: A/B {' and '.join(failures)} regressed" if failures else f"{test_id}: A/B {cmp.verdict}"
+    return AbOutcome(bool(failures), "\n".join([headline, *("  " + ln for ln in lines)]),
+                     {"memory_verdict": mem_v, "compile_verdict": comp_v})
+
+
+def _compile_figure(base_stats: dict, cold_s: float | None, steady: Sequence[float]) -> tuple[float | None, str | None]:
+    """The base side's compile seconds and their kind, as :func:`diffperf.harness.compile_figure` makes the head's."""
+    ahead = (base_stats.get("compile_info") or {}).get("ahead_of_time_compile_s")
+    if ahead is not None:
+        return float(ahead), "ahead-of-time"
+    if not base_stats.get("compiles") or cold_s is None or not steady:
+        return None, None
+    return max(0.0, float(cold_s) - float(np.median(steady))), "cold-start-excess"
+
+
+def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
+            tolerance: float, alpha: float, memory_tolerance: float, compile_tolerance: float,
+            inject_slowdown: float = 0.0, breakdown_rounds: int = 3) -> tuple[dict, AbOutcome]:
+    """Measure ``prepared`` (the head) against the base worker in pairs; ``(head record, A/B outcome)``.
+
+    The record is the head's, as :func:`diffperf.harness.record` makes it from the head's paired rounds,
+    with ``record["ab"]`` added. Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`.
+    """
+    from diffperf import harness
+    from diffperf.hardware import software_versions
+    from diffperf.timing import timed_call
+
+    case, runner = prepared.case, prepared.runner
+    check_fits(case, prepared.cold_peak_bytes)
+    base_built = ab.build(case)
+    worker = ab.worker
+    try:
+        call = harness.slowed(runner.generate, inject_slowdown, runner.synchronize)
+
+        def head_round() -> float:
+            return timed_call(call, runner.synchronize).seconds
+
+        def base_round() -> float:
+            return float(worker.request("round")["seconds"])
+
+        seed = order_seed(ab.settings.seed, test_id)
+        head_warm, base_warm = [], []
+        for _ in range(warmup_rounds):
+            head_warm.append(head_round())
+            base_warm.append(base_round())
+        runner.memory.reset()
+        worker.request("reset_memory")
+        with _progress(f"{case.id}: A/B pairs (head and base in random order)"):
+            res = run_pairs(head_round, base_round, min_pairs=rounds, warmup_rounds=0, max_time_s=max_time_s,
+                            tolerance=tolerance, alpha=alpha, seed=seed)
+        head_peak, head_kind = runner.memory.peak_bytes(), runner.memory.kind
+        base_stats = worker.request("stats")
+    finally:
+        if worker.proc.poll() is None and not worker.busy:  # a worker interrupted mid-request is killed later
+            try:
+                worker.request("release")
+            except AbWorkerError:
+                pass
+    if benchmark is not None:
+        _record_rounds(benchmark, res.head)
+    breakdowns = [runner.generate_instrumented()[1].as_dict() for _ in range(breakdown_rounds)]
+    rec = harness.record(prepared, res.head, head_peak, breakdowns, steady_memory_kind=head_kind)
+    head_side = {"versions": software_versions(), "python": _head_python(), "cold_start_s": prepared.cold_start_s,
+                 "build_s": prepared.build_s, "compile_s": rec.get("compile_s"), "compile_kind": rec.get("compile_kind"),
+                 "peak_memory_bytes": rec["peak_memory_bytes"], "memory_kind": rec.get("memory_kind"),
+                 "warmup_s": head_warm, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    hello = ab.hello or {}
+    base_compile, base_compile_kind = _compile_figure(base_stats, base_built.get("cold_start_s"), res.base)
+    base_side = {"versions": hello.get("versions"), "python": hello.get("python"),
+                 "cold_start_s": base_built.get("cold_start_s"), "build_s": base_built.get("build_s"),
+                 "compile_s": base_compile, "compile_kind": base_compile_kind,
+                 "peak_memory_bytes": {"cold": base_built.get("cold_peak_bytes"),
+                                       "steady": base_stats.get("steady_peak_bytes")},
+                 "memory_kind": base_stats.get("memory_kind"), "warmup_s": base_warm,
+                 "cuda_visible_devices": hello.get("cuda_visible_devices"), "device_env": hello.get("device_env"),
+                 "diffperf_file": hello.get("diffperf_file"), "builder_file": base_built.get("builder_file")}
+    cmp = res.comparison
+    outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance)
+    rec["ab"] = {
+        "verdict": cmp.verdict, "ratio": cmp.ratio, "ci": [cmp.ci_low, cmp.ci_high], "confidence": cmp.confidence,
+        "p": cmp.p_value, "p_slower": cmp.p_slower, "p_faster": cmp.p_faster, "pairs": cmp.pairs,
+        "order": res.order, "order_seed": seed, "min_detectable_slowdown": cmp.min_detectable,
+        "decided": cmp.decided, "tolerance": tolerance, "alpha": alpha, "pairs_seconds": res.seconds,
+        "head_samples_s": res.head, "base_samples_s": res.base,
+        "head_commit": ab.head_commit, "base_commit": ab.base_commit,
+        "head": head_side, "base": base_side, **outcome.info, "message": outcome.message,
+    }
+    return rec, outcome
+
+
+def _progress(what: str):
+    from diffperf import progress
+
+    return progress.step(what)

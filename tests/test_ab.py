@@ -1,0 +1,507 @@
+"""Interleaved A/B (diffperf/ab.py, diffperf/ab_worker.py): statistics, pair orders, the worker, the plugin path.
+
+The end-to-end tests build a small git repository inside the pytester folder: a copy of this tree's
+``diffperf`` and ``pipelines`` whose torch builder is the fake builder of ``conftest.py`` (a fake
+asynchronous device), tagged and timed differently in its base commit and its head commit, so the base
+worker's imports are checked by behaviour as well as by file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffperf import ab
+from tests.conftest import FAKE_BUILDER, REPO
+
+RUN = ["test_perf.py", "-k", "latency", "--perf-frameworks", "torch", "--perf-recipes", "torch:fp32-sdpa",
+       "--perf-no-fidelity", "--perf-reference", "off", "--perf-warmup-rounds", "1", "--perf-rounds", "12",
+       "--perf-max-time", "6", "-p", "no:randomly", "-p", "no:cacheprovider"]
+
+# The fake builder, plus a tag, a duration scale and failure hooks keyed by the tag.
+AB_BUILDER = FAKE_BUILDER + r'''
+BUILDER_TAG = "{tag}"
+SCALE = {scale}
+_calls = [0]
+_generate = FakeRunner.generate
+
+
+def _ab_generate(self):
+    _calls[0] += 1
+    mode = os.environ.get("FAKE_AB_FAIL_" + BUILDER_TAG, "")
+    if mode == "crash" and _calls[0] > 3:
+        os._exit(3)
+    if mode == "hang" and _calls[0] > 3:
+        time.sleep(3600)
+    self.duration = float(os.environ.get("FAKE_DURATION", "0.02")) * SCALE
+    return _generate(self)
+
+
+FakeRunner.generate = _ab_generate
+_build = build
+
+
+def build(case):
+    if os.environ.get("FAKE_AB_FAIL_" + BUILDER_TAG) == "oom":
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return _build(case)
+'''
+
+
+def _git(path: Path, *args: str) -> str:
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    return subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True, text=True, env=env).stdout
+
+
+def _worktrees(path: Path) -> list[str]:
+    return [ln for ln in _git(path, "worktree", "list", "--porcelain").splitlines() if ln.startswith("worktree ")]
+
+
+@pytest.fixture
+def ab_repo(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
+    """A git repo in the pytester folder: commit 1 is the base (builder tag "base", scale ``BASE_SCALE``),
+    the working tree and commit 2 the head (tag "head", scale 1.0); a commit 0 has no suite."""
+    root = pytester.path
+    _git(root, "init", "-q", "-b", "main")
+    (root / "README.txt").write_text("no suite yet\n")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "no suite")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "diffperf", root / "diffperf", ignore=ignore)
+    shutil.copytree(REPO / "pipelines", root / "pipelines", ignore=ignore)
+    (root / "test_perf.py").write_text((REPO / "perf" / "test_pipelines.py").read_text())
+    pytester.makeini("[pytest]\naddopts = -p diffperf.plugin --strict-markers\n")
+    (root / ".gitignore").write_text(".benchmarks/\n.diffperf-cache/\n*.json\n*.jsonl\n__pycache__/\n")
+
+    def commit(tag: str, scale: float) -> None:
+        (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag=tag, scale=scale))
+        _git(root, "add", "-A")
+        _git(root, "commit", "-q", "-m", tag)
+
+    commit("base", 2.0)
+    commit("head", 1.0)
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    monkeypatch.setenv("FAKE_DURATION", "0.02")
+    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    return pytester
+
+
+def _bench(pytester: pytest.Pytester) -> dict:
+    data = json.loads((pytester.path / "out.json").read_text())
+    (bench,) = data["benchmarks"]
+    return bench
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics and pair orders (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def _pairs(ratio: float, n: int, noise: float, seed: int, drift: float = 0.3):
+    """Paired rounds: a machine speed drifting by ``drift`` over the run, ``noise`` per round, head = ratio x base."""
+    rng = np.random.default_rng(seed)
+    speed = 1 + drift * np.linspace(0, 1, n) ** 2
+    base = 0.1 * speed * np.exp(rng.normal(0, noise, n))
+    head = 0.1 * ratio * speed * np.exp(rng.normal(0, noise, n))
+    return list(head), list(base)
+
+
+@pytest.mark.parametrize("ratio, verdict", [(1.10, "regressed"), (0.90, "improved"), (1.0, "unchanged")])
+def test_known_ratio_gives_the_verdict(ratio, verdict):
+    for seed in range(5):
+        head, base = _pairs(ratio, 40, 0.02, seed)
+        cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
+        assert cmp.verdict == verdict, (seed, cmp)
+        assert cmp.ci_low <= cmp.ratio <= cmp.ci_high
+        assert abs(cmp.ratio / ratio - 1) < 0.03
+        assert cmp.min_detectable < 0.03
+        assert cmp.decided
+
+
+def test_drift_between_pairs_does_not_make_a_regression():
+    # The machine gets 30 % slower over the run: unpaired, the head's late rounds look slower than the
+    # base's early ones; paired, every ratio sees one machine speed and A/A stays "unchanged".
+    head, base = _pairs(1.0, 40, 0.01, 7, drift=0.3)
+    assert ab.paired_compare(head, base, tolerance=0.03, alpha=0.01).verdict == "unchanged"
+    from diffperf import stats
+
+    assert stats.compare_samples(head[20:], base[:20], tolerance=0.03, alpha=0.01).verdict == "regressed"
+
+
+def test_too_few_noisy_pairs_are_inconclusive_and_say_what_they_could_detect():
+    head, base = _pairs(1.0, 4, 0.10, 3)
+    cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
+    assert cmp.verdict == "inconclusive"
+    assert cmp.min_detectable > 0.03 and not cmp.decided
+    with pytest.raises(ValueError, match="differ in length"):
+        ab.paired_compare([1.0, 1.0], [1.0])
+
+
+def test_pair_orders_are_seeded_and_both_orders_occur():
+    a = ab.pair_orders(np.random.default_rng(ab.order_seed(0, "t::x")), 40)
+    b = ab.pair_orders(np.random.default_rng(ab.order_seed(0, "t::x")), 40)
+    c = ab.pair_orders(np.random.default_rng(ab.order_seed(1, "t::x")), 40)
+    assert a == b and a != c
+    assert set(a) == {"HB", "BH"}
+    assert 8 <= a.count("HB") <= 32
+
+
+def test_run_pairs_alternates_one_side_at_a_time_and_stops_when_decided():
+    log = []
+    rng = np.random.default_rng(0)
+
+    def side(name, scale):
+        def round_():
+            log.append(name)
+            return 0.1 * scale * float(np.exp(rng.normal(0, 0.005)))
+        return round_
+
+    res = ab.run_pairs(side("H", 1.2), side("B", 1.0), min_pairs=10, warmup_rounds=2, max_time_s=60, tolerance=0.03,
+                       alpha=0.01, seed=5)
+    assert log[:4] == ["H", "B", "H", "B"]  # warmup alternates
+    pairs = ["".join(log[4 + 2 * i: 6 + 2 * i]) for i in range(len(res.order))]
+    assert pairs == res.order and set(res.order) == {"HB", "BH"}
+    assert res.comparison.verdict == "regressed" and len(res.head) == len(res.base) == 10
+
+    log.clear()
+    res = ab.run_pairs(side("H", 1.0), side("B", 1.0), min_pairs=4, warmup_rounds=0, max_time_s=60, tolerance=0.03,
+                       alpha=0.01, seed=5)
+    assert res.comparison.decided and res.comparison.verdict == "unchanged" and len(res.head) > 4  # more pairs came
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker protocol
+# --------------------------------------------------------------------------------------------------
+
+
+def test_worker_protocol_and_import_isolation(ab_repo, tmp_path):
+    root = ab_repo.path
+    worktree = tmp_path / "base"
+    _git(root, "worktree", "add", "--detach", str(worktree), "HEAD~1")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    # The head's PYTHONPATH (the head tree) must not leak into the worker ahead of the base tree.
+    worker = ab.BaseWorker(sys.executable, worktree, scratch, timeout_s=60, env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        hello = worker.request("hello")
+        assert Path(hello["diffperf_file"]).resolve().is_relative_to(worktree.resolve())
+        assert Path(hello["pipelines_path"][0]).resolve().is_relative_to(worktree.resolve())
+        assert "numpy" in hello["versions"]
+        from diffperf.api import make_case
+
+        built = worker.request("build", case=make_case("fp32-sdpa", steps=2).as_dict())
+        assert Path(built["builder_file"]).resolve() == (worktree / "pipelines" / "torch_diffusers.py").resolve()
+        assert built["cold_start_s"] >= 0.03  # the base builder: 0.02 s x 2.0, synchronized
+        warm = worker.request("warm", rounds=2)["seconds"]
+        assert len(warm) == 2 and min(warm) >= 0.03
+        assert worker.request("round")["seconds"] >= 0.03
+        assert worker.request("stats")["steady_peak_bytes"] == 1 << 20
+        with pytest.raises(ab.AbWorkerError, match="unknown request 'dance'"):
+            worker.request("dance")
+        assert worker.request("round")["seconds"] > 0  # an error answer leaves the worker serving
+        worker.request("release")
+        with pytest.raises(ab.AbWorkerError, match="no case built"):
+            worker.request("round")
+    finally:
+        worker.close()
+    assert worker.proc.poll() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The plugin path, end to end
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
+    # Two cases: one worker and one worktree serve both (the base pipeline is released between them).
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "--benchmark-json", "out.json",
+                                          "--perf-journal", "journal.jsonl", "--benchmark-save", "ab",
+                                          "--perf-recipes", "torch:fp32-sdpa,torch:fp32-classic")
+    # Base builder is 2x slower: the head "improved", which the pairs show beyond doubt.
+    assert result.ret == 0, result.stdout.str()
+    benches = json.loads((ab_repo.path / "out.json").read_text())["benchmarks"]
+    assert len(benches) == 2 and all(b["extra_info"]["ab"]["verdict"] == "improved" for b in benches)
+    assert benches[0]["extra_info"]["ab"]["base"]["diffperf_file"] == benches[1]["extra_info"]["ab"]["base"]["diffperf_file"]
+    rec = next(b for b in benches if "sdpa" in b["name"])["extra_info"]
+    a = rec["ab"]
+    assert a["verdict"] == "improved" and 0.4 < a["ratio"] < 0.6
+    assert a["ci"][0] <= a["ratio"] <= a["ci"][1] and a["p"] < 0.01
+    assert a["pairs"] == len(a["order"]) == len(a["base_samples_s"]) == len(a["head_samples_s"]) >= 12
+    assert set(a["order"]) == {"HB", "BH"}
+    assert a["head_samples_s"] == rec["samples_s"] == next(b for b in benches if "sdpa" in b["name"])["stats"]["data"]
+    assert a["base_commit"]["id"] == _git(ab_repo.path, "rev-parse", "HEAD~1").strip()
+    assert a["head_commit"]["id"] == _git(ab_repo.path, "rev-parse", "HEAD").strip()
+    assert "/base/" in a["base"]["builder_file"] and "diffperf-ab-" in a["base"]["builder_file"]
+    for side in ("head", "base"):
+        s = a[side]
+        assert s["versions"]["numpy"] and s["cold_start_s"] > 0 and s["peak_memory_bytes"]["steady"] == 1 << 20
+    assert a["memory_verdict"] == "unchanged"
+    # The plugin's device-sharing settings reach the base worker too.
+    assert a["base"]["device_env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert a["base"]["device_env"]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    assert min(a["base_samples_s"]) >= 0.035 and max(a["head_samples_s"]) < min(a["base_samples_s"])
+    result.stdout.fnmatch_lines(["*diffperf results*", "*A/B*", "*improved 0.5*"])
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+    assert (ab_repo.path / "journal.jsonl").is_file()
+
+    # python -m diffperf compare renders the saved A/B run on its own (terminal and markdown).
+    out = subprocess.run([sys.executable, "-m", "diffperf", "compare", "0001", "--storage", ".benchmarks",
+                          "--markdown", "ab.md"], cwd=ab_repo.path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "A/B: head" in out.stdout and "ratio [CI]" in out.stdout and "2 improved" in out.stdout
+    md = (ab_repo.path / "ab.md").read_text()
+    assert "### diffperf A/B" in md and ":green_circle: improved" in md
+
+
+def test_ab_regression_fails_the_test(ab_repo):
+    root = ab_repo.path
+    (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag="base", scale=0.7))
+    _git(root, "commit", "-qam", "fast base")
+    (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag="head", scale=1.0))
+    _git(root, "commit", "-qam", "slow head")
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "--benchmark-json", "out.json")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*A/B latency regressed*", "*A/B regressed: head/base ratio 1.4*"])
+    assert _bench(ab_repo)["extra_info"]["ab"]["verdict"] == "regressed"
+
+
+def test_python_option_alone_runs_the_head_tree_in_that_interpreter(ab_repo):
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-python", sys.executable, "--benchmark-json", "out.json")
+    assert result.ret == 0, result.stdout.str()
+    a = _bench(ab_repo)["extra_info"]["ab"]
+    assert a["verdict"] in ("unchanged", "inconclusive")  # A/A: the same tree on both sides
+    assert 0.85 < a["ratio"] < 1.15
+    assert a["base"]["python"] == sys.executable and a["base_commit"]["id"] == a["head_commit"]["id"]
+    assert Path(a["base"]["builder_file"]).resolve() == (ab_repo.path / "pipelines" / "torch_diffusers.py").resolve()
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("crash", "*A/B failed, head measured alone: A/B base worker*crashed (exit status 3) during 'round'*"),
+    ("hang", "*A/B failed, head measured alone: A/B base worker*did not answer 'round' within 3 s*"),
+])
+def test_base_worker_crash_or_hang_keeps_the_head_and_removes_the_worktree(ab_repo, monkeypatch, mode, message):
+    monkeypatch.setenv("FAKE_AB_FAIL_base", mode)
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "--perf-ab-timeout", "3",
+                                          "--benchmark-json", "out.json", "--perf-journal", "journal.jsonl")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([message])
+    bench = _bench(ab_repo)
+    assert bench["extra_info"]["ab"]["verdict"] == "error" and len(bench["stats"]["data"]) >= 12
+    lines = [json.loads(ln) for ln in (ab_repo.path / "journal.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "case" and e.get("benchmark") for e in lines)
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+    assert not any(p.name.startswith("diffperf-ab-") and (p / "base").exists() for p in Path(ab_repo.path).iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--perf-ab-base", "no-such-branch"], "*--perf-ab-base 'no-such-branch': unknown revision*"),
+    (["--perf-ab-base", "HEAD~2"], "*--perf-ab-base 'HEAD~2' (*): the revision has no diffperf suite (missing diffperf/harness.py*"),
+    (["--perf-ab-python", "/nonexistent/bin/python"], "*--perf-ab-python /nonexistent/bin/python: no such executable interpreter*"),
+    (["--perf-ab-timeout", "0"], "*seconds must be > 0*"),
+])
+def test_bad_ab_input_is_a_named_usage_error(ab_repo, args, message):
+    result = ab_repo.runpytest_subprocess(*RUN, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+
+
+def test_interpreter_without_the_stack_is_a_named_error(ab_repo, tmp_path):
+    # A Python with nothing installed: the worker cannot import numpy; the head is still measured and kept.
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-python", str(venv / "bin" / "python"),
+                                          "--benchmark-json", "out.json")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*A/B failed, head measured alone: the A/B base side (*bare/bin/python*) lacks the "
+                                 "torch stack for tiny-fp32-sdpa-bs1-*No module named*"])
+    assert _bench(ab_repo)["extra_info"]["ab"]["verdict"] == "error"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_removes_the_worktree_and_stops_the_worker(ab_repo, tmp_path, monkeypatch, sig):
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch_root))
+    monkeypatch.setenv("FAKE_AB_FAIL_base", "hang")
+    # SIGINT restored in the child: a process started from a non-interactive shell may inherit it ignored.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; "
+            "sys.exit(pytest.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, *RUN, "--perf-ab-base", "HEAD~1"], cwd=ab_repo.path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    logs: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list(scratch_root.glob("diffperf-ab-*/worker.log"))
+        if logs and "first call" in logs[0].read_text(errors="replace"):
+            break
+        time.sleep(0.2)
+    time.sleep(2.0)  # into the base worker's hanging round
+    assert proc.poll() is None, proc.communicate()[0]
+    worker_pids = _children(proc.pid)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+    assert not list(scratch_root.glob("diffperf-ab-*"))
+    for pid in worker_pids:
+        assert not _alive(pid), f"worker {pid} still running"
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_compare_of_a_run_without_ab_is_a_named_error(fake_suite):
+    result = fake_suite.runpytest_subprocess("-k", "latency", "--perf-frameworks", "torch", "--perf-recipes",
+                                             "torch:fp32-sdpa", "--perf-no-fidelity", "--perf-rounds", "3",
+                                             "--perf-warmup-rounds", "0", "--benchmark-save", "plain")
+    assert result.ret == 0
+    out = subprocess.run([sys.executable, "-m", "diffperf", "compare", "0001", "--storage", ".benchmarks"],
+                         cwd=fake_suite.path, capture_output=True, text=True)
+    assert out.returncode == 2 and "carries no A/B results" in out.stderr
+
+
+def test_results_table_has_an_ab_column():
+    from diffperf.table import results_table
+
+    rec = {"framework": "torch", "device": "cpu", "case": {"id": "tiny-x"}, "median_s": 0.1, "cv": 0.01,
+           "cold_start_s": 0.2, "compile_s": None, "peak_memory_bytes": {"steady": 1 << 20}, "images_per_s": 10.0,
+           "fidelity": None, "gate": {"verdict": "no baseline"}}
+    assert "A/B" not in results_table([("t", rec)])[0]
+    lines = results_table([("t", rec | {"ab": {"verdict": "regressed", "ratio": 1.061, "ci": [1.05, 1.07],
+                                               "pairs": 24}}),
+                           ("u", rec | {"ab": {"verdict": "error", "error": "crashed"}})])
+    assert lines[0].split()[-1] == "A/B"
+    assert lines[2].endswith("regressed 1.061 [1.050, 1.070] n=24") and lines[3].rstrip().endswith("error")
+
+
+def test_ab_workflow_structure():
+    from tests.test_workflows import load, steps
+
+    wf = load("ab.yml")
+    assert set(wf["on"]) == {"pull_request", "workflow_dispatch"} and "labeled" in wf["on"]["pull_request"]["types"]
+    assert wf["permissions"] == {"contents": "read"}
+    (job,) = wf["jobs"].values()
+    assert "'perf'" in job["if"] and "head.repo.full_name == github.repository" in job["if"]
+    (entry,) = job["strategy"]["matrix"]["include"]
+    assert entry["runner"][0] == "self-hosted" and "gpu" in entry["runner"]
+    checkout = next(s for s in steps(job) if s.get("uses", "").startswith("actions/checkout@"))
+    assert checkout["with"] == {"fetch-depth": 0, "persist-credentials": False}
+    text = "\n".join(s.get("run", "") for s in steps(job))
+    assert '--perf-ab-base "$BASE_REV"' in text and "-m cuda" in text
+    assert "python -m diffperf compare ab/run.json --markdown" in text and "$GITHUB_STEP_SUMMARY" in text
+    assert "github.event.pull_request.base.sha" in job["env"]["BASE_REV"]
+
+
+def test_a_case_whose_two_sides_do_not_fit_is_skipped_with_the_reason(ab_repo, monkeypatch):
+    monkeypatch.setenv("FAKE_AB_FAIL_base", "oom")
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD~1", "-rs")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*SKIPPED*the base side of tiny-fp32-sdpa-* does not fit on the device next to the "
+                                 "head's pipeline: *CUDA out of memory*"])
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+
+
+def test_check_fits_compares_free_gpu_memory_with_the_heads_peak(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from diffperf.api import make_case
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (3 << 30, 80 << 30))
+    case = make_case("bf16-sdpa", device="cuda")
+    ab.check_fits(case, 2 << 30)  # 2 GiB more fit in 3 GiB free
+    with pytest.raises(ab.AbDoesNotFit, match=r"do not fit on the GPU together: .* peaked at 4.0 GiB, 3.0 GiB free"):
+        ab.check_fits(case, 4 << 30)
+    ab.check_fits(make_case("bf16-sdpa", device="cpu"), 4 << 30)  # CPU cases are not checked
+
+
+@pytest.mark.parametrize("code_slower, expected, status", [(True, "confirmed", 1), (False, "machine drift", 0)])
+def test_confirm_remeasures_gate_flags_as_ab(ab_repo, monkeypatch, code_slower, expected, status):
+    root = ab_repo.path
+    base = ["--perf-baselines-dir", str(root / "bl")]
+    result = ab_repo.runpytest_subprocess(*RUN, *base, "--perf-update-baselines")
+    assert result.ret == 0
+    baseline_commit = _git(root, "rev-parse", "HEAD").strip()
+    if code_slower:  # a real regression: the next commit's builder is 40 % slower
+        (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag="head", scale=1.4))
+        _git(root, "commit", "-qam", "slower")
+    else:  # the same code on a machine that became 40 % slower
+        monkeypatch.setenv("FAKE_DURATION", "0.028")
+    result = ab_repo.runpytest_subprocess(*RUN, *base, "--benchmark-json", "flagged.json")
+    assert result.ret == 1
+    gate = _bench_of(root / "flagged.json")["extra_info"]["gate"]
+    assert gate["verdict"] == "regressed" and gate["baseline_commit"] == baseline_commit
+    out = subprocess.run([sys.executable, "-m", "diffperf", "confirm", "flagged.json", "--markdown", "confirm.md", "--",
+                          *RUN, *base], cwd=root, capture_output=True, text=True)
+    assert out.returncode == status, out.stdout + out.stderr
+    assert f"1 gate flag(s): {int(code_slower)} confirmed by A/B, {int(not code_slower)} machine drift" in out.stdout
+    assert expected in out.stdout and baseline_commit[:12] in out.stdout
+    assert "### diffperf: gate flags re-measured as A/B" in (root / "confirm.md").read_text()
+    assert _worktrees(root) == [f"worktree {root}"]
+
+
+def _bench_of(path: Path) -> dict:
+    (bench,) = json.loads(path.read_text())["benchmarks"]
+    return bench
+
+
+def test_nightly_confirms_gate_flags_by_ab():
+    from tests.test_workflows import load, steps
+
+    (job,) = load("nightly.yml")["jobs"].values()
+    checkout = next(s for s in steps(job) if s.get("uses", "").startswith("actions/checkout@"))
+    assert checkout["with"]["fetch-depth"] == 0
+    confirm = next(s for s in steps(job) if s.get("id") == "confirm")
+    assert "python -m diffperf confirm nightly/run.json" in confirm["run"] and "$GITHUB_STEP_SUMMARY" in confirm["run"]
+    fail = steps(job)[-1]
+    assert "CONFIRM_STATUS" in fail["env"] and 'if [ "$CONFIRM_STATUS" = "1" ]' in fail["run"]
+
+
+def test_launcher_pins_both_sides_of_a_case_to_its_workers_gpu(ab_repo):
+    out = subprocess.run([sys.executable, "-m", "diffperf", "launch", "--devices", "3,5", "--isolate", "case",
+                          "--json", "merged.json", "--", *RUN, "--perf-recipes", "torch:fp32-sdpa,torch:fp32-classic",
+                          "--perf-ab-base", "HEAD~1"], cwd=ab_repo.path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    benches = json.loads((ab_repo.path / "merged.json").read_text())["benchmarks"]
+    pins = [(b["extra_info"]["ab"]["head"]["cuda_visible_devices"], b["extra_info"]["ab"]["base"]["cuda_visible_devices"])
+            for b in benches]
+    assert len(pins) == 2 and all(h == b for h, b in pins) and {h for h, _ in pins} == {"3", "5"}
+    assert all(b["extra_info"]["ab"]["verdict"] == "improved" for b in benches)
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+
+
+def test_judge_compares_memory_and_compile_as_single_values_of_the_same_kind():
+    cmp = ab.paired_compare(*_pairs(1.0, 20, 0.01, 1), tolerance=0.05, alpha=0.01)
+    side = {"peak_memory_bytes": {"steady": 100 << 20}, "memory_kind": "peak_rss", "compile_s": 10.0,
+            "compile_kind": "cold-start-excess"}
+    out = ab.judge("t", side | {"compile_s": 14.0}, side, cmp, memory_tolerance=0.1, compile_tolerance=0.25)
+    assert out.failed and out.info == {"memory_verdict": "unchanged", "compile_verdict": "regressed"}
+    assert "t: A/B compile time regressed" in out.message
+    out = ab.judge("t", side | {"peak_memory_bytes": {"steady": 120 << 20}, "compile_kind": "ahead-of-time"}, side,
+                   cmp, memory_tolerance=0.1, compile_tolerance=0.25)
+    assert out.failed and out.info == {"memory_verdict": "regressed", "compile_verdict": "not compared"}
+    out = ab.judge("t", side | {"memory_kind": "cuda_allocator"}, side, cmp, memory_tolerance=0.1,
+                   compile_tolerance=0.25)
+    assert not out.failed and out.info["memory_verdict"] == "not compared" and "A/B unchanged" in out.message
