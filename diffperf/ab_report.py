@@ -80,7 +80,7 @@ def render_ab_markdown(records: Sequence[tuple[str, dict]]) -> str:
     icon = {"regressed": ":red_circle:", "improved": ":green_circle:", "unchanged": ":white_circle:",
             "inconclusive": ":grey_question:", "error": ":warning:"}
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-    out = [f"### diffperf A/B", "", esc(_commits(records)), "", "| " + " | ".join(HEADER) + " |",
+    out = ["### diffperf A/B", "", esc(_commits(records)), "", "| " + " | ".join(HEADER) + " |",
            "|" + "---|" * len(HEADER)]
     for t, ab in records:
         cells = _cells(t, ab)

@@ -2,7 +2,7 @@
 
 Latency is judged against the baseline's history of run medians when it holds
 :data:`diffperf.stats.MIN_HISTORY` runs or more (:func:`diffperf.stats.compare_to_history`: slower than the
-run-to-run spread explains, by more than the tolerance); with a shorter history, against the rounds of its
+run-to-run spread explains, and by more than the tolerance); with a shorter history, against the rounds of its
 latest run (:func:`diffperf.stats.compare_samples`: median ratio beyond the tolerance *and* a significant
 one-sided Mann-Whitney U), and the verdict says that it ignores between-run drift. Every verdict states the
 between-run CV and the smallest regression the baseline can flag at the run's alpha. Peak memory and compile seconds are one number per run, so

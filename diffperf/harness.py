@@ -75,7 +75,7 @@ def prepare(case: Case) -> Prepared:
     build = builder(case.framework)
     from diffperf import memory
 
-    memory.preload_stack(case.framework)
+    memory.preload_stack(getattr(importlib.import_module(framework_spec(case.framework).module), "PRELOAD", ()))
     memory.mark_case_start()  # after the stack's imports, before the build: the CPU memory figure's zero
     try:
         with progress.step(f"{case.framework} {case.id}: build") as built:

@@ -43,36 +43,24 @@ def _can_reset_hwm() -> bool:
 
 _case_start_rss: int | None = None
 
-# What each stack's builder imports lazily on its first build (module, names to resolve on it): imported
-# before the case-start mark, so a framework's first case does not carry its stack's code in its figure
-# while its later cases do not. Data next to the probe; a missing module is skipped.
-STACK_IMPORTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "torch": (
-        ("diffusers", ("AutoencoderKL", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "UNet2DConditionModel",
-                       "EulerDiscreteScheduler", "PNDMScheduler", "DiffusionPipeline")),
-        ("diffusers.models.attention_processor", ("AttnProcessor", "AttnProcessor2_0")),
-        ("transformers", ("CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection")),
-        ("torchao.quantization", ()),
-        ("torch._inductor.config", ()),
-    ),
-    "jax": (("pipelines.flax_sd", ("flax_api()",)),),
-    "tf": (("keras_cv.src.models.stable_diffusion", ("Decoder", "DiffusionModel", "TextEncoder")),),
-}
+def preload_stack(imports) -> list[str]:
+    """Import what a builder would import on its first build: its ``PRELOAD`` (module, names to resolve on it).
 
-
-def preload_stack(framework: str) -> list[str]:
-    """Import what ``framework``'s builder would import on its first build (:data:`STACK_IMPORTS`); returns them."""
+    Called before the case-start mark, so a framework's first case does not carry its stack's code in its
+    memory figure while its later cases do not. A missing module or name is skipped (the build itself
+    reports or skips it). Returns the modules imported.
+    """
     import importlib
 
     done = []
-    for module_name, names in STACK_IMPORTS.get(framework, ()):
+    for module_name, names in imports:
         try:
             module = importlib.import_module(module_name)
             for name in names:
                 attr = getattr(module, name.removesuffix("()"))
                 if name.endswith("()"):
                     attr()
-        except Exception:  # the build itself reports (or skips) what does not load
+        except Exception:
             continue
         done.append(module_name)
     return done

@@ -238,8 +238,8 @@ class HistoryComparison:
 
     @property
     def min_flaggable(self) -> float:
-        """The smallest slowdown (0.3 = 30 %) whose median this rule flags: prediction bound times tolerance."""
-        return math.exp(self.margin) * (1 + self.tolerance) - 1
+        """The smallest slowdown (0.3 = 30 %) whose median this rule flags: the prediction bound or the tolerance, the larger."""
+        return math.exp(max(self.margin, math.log1p(self.tolerance))) - 1
 
     def describe(self) -> str:
         return (f"{self.verdict}: history of {self.runs} runs centred on {fmt_seconds(self.center)}, head "
@@ -262,9 +262,11 @@ def compare_to_history(head: Sequence[float], medians: Sequence[float], toleranc
     + (z[1-alpha] se)**2)`` (conservative: ``s`` already holds some within-run noise). Then, with
     ``d = log(head median) - m``:
 
-    * ``regressed``: ``d > margin + log(1 + tolerance)``: slower than the drift explains, by more than the
-      tolerance; the smallest slowdown flagged is ``exp(margin) * (1 + tolerance) - 1`` (``min_flaggable``);
-    * ``improved``: the mirror image, ``d < -(margin + log(1 + tolerance))``;
+    * ``regressed``: ``d > margin`` and ``d > log(1 + tolerance)``: slower than the drift explains (a false
+      alarm at most ``alpha`` of the time) and slower than the tolerance (a significant 3 % drift does not
+      fail a 10 % gate); the smallest slowdown flagged is ``exp(max(margin, log(1 + tolerance))) - 1``
+      (``min_flaggable``);
+    * ``improved``: the mirror image, ``d < -margin`` and ``d < -log(1 + tolerance)``;
     * ``inconclusive``: beyond the tolerance but inside what the drift explains;
     * ``unchanged``: otherwise.
     """
@@ -281,9 +283,9 @@ def compare_to_history(head: Sequence[float], medians: Sequence[float], toleranc
     head_med = float(np.median(h))
     d = math.log(head_med / center)
     tol = math.log1p(tolerance)
-    if d > margin + tol:
+    if d > max(margin, tol):
         verdict = "regressed"
-    elif d < -(margin + tol):
+    elif d < -max(margin, tol):
         verdict = "improved"
     elif abs(d) > tol:
         verdict = "inconclusive"

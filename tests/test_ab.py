@@ -470,7 +470,7 @@ def _bench_of(path: Path) -> dict:
 def test_nightly_confirms_gate_flags_by_ab():
     from tests.test_workflows import load, steps
 
-    (job,) = load("nightly.yml")["jobs"].values()
+    job = load("nightly.yml")["jobs"]["benchmarks"]
     checkout = next(s for s in steps(job) if s.get("uses", "").startswith("actions/checkout@"))
     assert checkout["with"]["fetch-depth"] == 0
     confirm = next(s for s in steps(job) if s.get("id") == "confirm")

@@ -66,14 +66,17 @@ def test_probe_without_a_mark_starts_from_its_creation(monkeypatch):
     assert memory.RSSProbe(start_bytes=123).start_bytes == 123
 
 
-def test_preload_stack_imports_what_the_builder_would_and_skips_what_is_missing(monkeypatch):
-    monkeypatch.setitem(memory.STACK_IMPORTS, "fake", (("json", ("dumps",)), ("no_such_module_here", ()),
-                                                      ("os", ("no_such_attribute",)), ("platform", ("python_version()",))))
-    assert memory.preload_stack("fake") == ["json", "platform"]
-    assert memory.preload_stack("unknown framework") == []
-    from diffperf.cases import FRAMEWORKS
+def test_preload_stack_imports_what_the_builder_would_and_skips_what_is_missing():
+    imports = (("json", ("dumps",)), ("no_such_module_here", ()), ("os", ("no_such_attribute",)),
+               ("platform", ("python_version()",)))
+    assert memory.preload_stack(imports) == ["json", "platform"]
+    assert memory.preload_stack(()) == []
+    import importlib
 
-    assert set(FRAMEWORKS) <= set(memory.STACK_IMPORTS)
+    from diffperf.cases import FRAMEWORKS, framework_spec
+
+    for fw in FRAMEWORKS:  # every real builder declares its lazy imports
+        assert importlib.import_module(framework_spec(fw).module).PRELOAD
 
 
 def test_prepare_counts_the_builds_weights_and_not_an_earlier_allocation(monkeypatch):
@@ -100,7 +103,6 @@ def test_prepare_counts_the_builds_weights_and_not_an_earlier_allocation(monkeyp
             self.weights = None
 
     monkeypatch.setattr(harness, "builder", lambda framework: lambda case: Runner())
-    monkeypatch.setitem(memory.STACK_IMPORTS, "torch", ())
     case = Case("torch", TorchRecipe.from_tag("fp32-sdpa"), "tiny", steps=2)
 
     def cold_peak(prior_bytes):
