@@ -123,6 +123,7 @@ def make_entry(test_id: str, record: dict, versions: dict | None = None, commit:
         "memory_kind": record.get("memory_kind"),
         "compile_s": round_sig(float(compile_s)) if compile_s is not None else None,
         "compile_kind": record.get("compile_kind"),
+        "compile_cache": record.get("compile_cache"),
         "reference_s": round_sig(float(record["reference_s"])) if record.get("reference_s") else None,
         "reference_id": record.get("reference_id") if record.get("reference_s") else None,
         "versions": dict(versions or {}),
@@ -149,6 +150,8 @@ def validate_entry(entry: Any, where: str) -> None:
         raise BaselineError(f"{where}: 'samples_s' must be a non-empty list of positive seconds")
     if not isinstance(entry.get("rounds"), int) or entry["rounds"] < 1:
         raise BaselineError(f"{where}: 'rounds' must be a positive integer")
+    if entry.get("compile_cache") not in (None, "cold", "warm"):
+        raise BaselineError(f"{where}: 'compile_cache' must be 'cold', 'warm' or null")
     if entry.get("reference_id") is not None and not isinstance(entry["reference_id"], str):
         raise BaselineError(f"{where}: 'reference_id' must be a string or null")
     for key in ("peak_memory_bytes", "compile_s", "median_s", "reference_s"):

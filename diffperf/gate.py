@@ -200,6 +200,10 @@ class Gate:
                 and record["compile_kind"] != base_kind:
             comp_v, comp_line = "not compared", (f"compile time: measured as {record['compile_kind']}, baseline as "
                                                  f"{base_kind}; not compared")
+        elif comp_line and record.get("compile_cache") and base.get("compile_cache") \
+                and record["compile_cache"] != base["compile_cache"]:
+            comp_v, comp_line = "not compared", (f"compile time: measured with a {record['compile_cache']} compile cache, "
+                                                 f"baseline with a {base['compile_cache']} one; not compared")
         info["memory_verdict"], info["compile_verdict"] = mem_v, comp_v
         for one_verdict, line, name in ((mem_v, mem_line, "peak memory"), (comp_v, comp_line, "compile time")):
             if line:

@@ -41,6 +41,7 @@ class Prepared:
     generation: Any
     first_breakdown: Any
     cold_memory_kind: str | None = None  # the probe's kind for the cold peak (it may differ from the steady one)
+    compile_cache: str | None = None  # "cold" / "warm": whether build + first call wrote persistent cache entries
 
     def close(self) -> None:
         runner, self.runner = self.runner, None
@@ -69,6 +70,33 @@ def release_shared(keep: str | None = None) -> None:
             release()
 
 
+def cache_entries(root: str | None = None) -> set[str] | None:
+    """The files under the persistent compile caches (``DIFFPERF_CACHE_DIR``, journals aside), or ``None``."""
+    import os
+
+    root = root or os.environ.get("DIFFPERF_CACHE_DIR")
+    if not root or not os.path.isdir(root):
+        return None
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        if folder == root and "journal" in dirs:
+            dirs.remove("journal")
+        found.update(os.path.join(folder, f) for f in files)
+    return found
+
+
+def cache_state(before: set[str] | None, after: set[str] | None) -> str | None:
+    """``"cold"`` when a case wrote new persistent cache entries (its compile was paid), else ``"warm"``.
+
+    Note: a compile figure from a fresh clone (cold caches: torch.compile 60-90 s on 2 cores) and one
+    from a rerun (warm: 6-7 s) measure different things; the gate compares compile seconds only between
+    records of the same state, so a fresh machine's first run is not a "compile time regression".
+    """
+    if before is None or after is None:
+        return None
+    return "cold" if after - before else "warm"
+
+
 def prepare(case: Case) -> Prepared:
     """Build ``case`` and time its first call (cold start) apart from everything else."""
     release_shared(keep=case.framework)
@@ -76,6 +104,7 @@ def prepare(case: Case) -> Prepared:
     from diffperf import memory
 
     memory.preload_stack(getattr(importlib.import_module(framework_spec(case.framework).module), "PRELOAD", ()))
+    cached_before = cache_entries()
     memory.mark_case_start()  # after the stack's imports, before the build: the CPU memory figure's zero
     try:
         with progress.step(f"{case.framework} {case.id}: build") as built:
@@ -88,11 +117,13 @@ def prepare(case: Case) -> Prepared:
             cold = timed_call(runner.generate, runner.synchronize)
         cold_peak = runner.memory.peak_bytes()
         cold_kind = runner.memory.kind
+        compile_cache = cache_state(cached_before, cache_entries())
         generation, breakdown = runner.generate_instrumented()
     except BaseException:
         runner.close()
         raise
-    return Prepared(case, runner, built["seconds"], cold.seconds, cold_peak, generation, breakdown, cold_kind)
+    return Prepared(case, runner, built["seconds"], cold.seconds, cold_peak, generation, breakdown, cold_kind,
+                    compile_cache)
 
 
 def _required_rounds(warm: list[float], tolerance: float, min_rounds: int, budget_s: float) -> int:
@@ -194,6 +225,7 @@ def record(prepared: Prepared, samples: list[float], steady_peak: int | None, br
         # ("inference") they are the JAX seed's three figures.
         "compile_s": compile_s,
         "compile_kind": compile_kind,
+        "compile_cache": prepared.compile_cache,
         "peak_memory_bytes": {"cold": prepared.cold_peak_bytes, "steady": steady_peak},
         "memory_kind": memory_kind,
         "memory_kinds": {"cold": prepared.cold_memory_kind or memory_kind, "steady": memory_kind},

@@ -187,6 +187,32 @@ def test_compile_figures_of_another_kind_are_not_compared(tmp_path):
     assert make_entry("t::b", record(same, compile_s=2.0) | {"compile_kind": "ahead-of-time"})["compile_kind"] == "ahead-of-time"
 
 
+def test_compile_seconds_of_a_cold_cache_are_not_compared_with_a_warm_baseline(tmp_path):
+    """A fresh clone compiles from scratch (cold caches); a baseline made on warm caches is no yardstick for it."""
+    from diffperf.harness import cache_entries, cache_state
+
+    store = BaselineStore.load(baseline_path(tmp_path, HW))
+    store.put(make_entry("t::a", record(lognormal(20, seed=1), compile_s=1.0) | {"compile_cache": "warm"}))
+    store.save()
+    gate = Gate(GateSettings(baselines_dir=tmp_path))
+    same = lognormal(20, seed=3)
+    cold = gate.check("t::a", HW, record(same, compile_s=60.0) | {"compile_cache": "cold"})
+    assert not cold.failed and cold.info["compile_verdict"] == "not compared"
+    assert "measured with a cold compile cache, baseline with a warm one; not compared" in cold.message
+    warm = gate.check("t::a", HW, record(same, compile_s=1.5) | {"compile_cache": "warm"})
+    assert warm.failed and "compile time regressed" in warm.message
+
+    cache = tmp_path / "cache"
+    (cache / "journal").mkdir(parents=True)
+    before = cache_entries(str(cache))
+    (cache / "journal" / "run.jsonl").write_text("{}")  # journals are not compile caches
+    assert cache_state(before, cache_entries(str(cache))) == "warm"
+    (cache / "jax").mkdir()
+    (cache / "jax" / "entry").write_bytes(b"x")
+    assert cache_state(before, cache_entries(str(cache))) == "cold"
+    assert cache_state(None, set()) is None
+
+
 def test_update_records_every_checked_test_and_keeps_others(tmp_path):
     gate = _gate_with_baseline(tmp_path, lognormal(20, seed=1), update=True)
     out = gate.check("t::a", HW, record(lognormal(20, 1.5, seed=2), compile_s=1.0))
