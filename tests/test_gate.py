@@ -187,8 +187,9 @@ def test_compile_figures_of_another_kind_are_not_compared(tmp_path):
     assert make_entry("t::b", record(same, compile_s=2.0) | {"compile_kind": "ahead-of-time"})["compile_kind"] == "ahead-of-time"
 
 
-def test_compile_seconds_of_a_cold_cache_are_not_compared_with_a_warm_baseline(tmp_path):
-    """A fresh clone compiles from scratch (cold caches); a baseline made on warm caches is no yardstick for it."""
+def test_compile_seconds_and_memory_of_a_cold_cache_are_not_compared_with_a_warm_baseline(tmp_path):
+    """A fresh clone compiles from scratch (cold caches, compiler memory left in the process); a baseline made on
+    warm caches is no yardstick for it."""
     from diffperf.harness import cache_entries, cache_state
 
     store = BaselineStore.load(baseline_path(tmp_path, HW))
@@ -196,9 +197,10 @@ def test_compile_seconds_of_a_cold_cache_are_not_compared_with_a_warm_baseline(t
     store.save()
     gate = Gate(GateSettings(baselines_dir=tmp_path))
     same = lognormal(20, seed=3)
-    cold = gate.check("t::a", HW, record(same, compile_s=60.0) | {"compile_cache": "cold"})
-    assert not cold.failed and cold.info["compile_verdict"] == "not compared"
-    assert "measured with a cold compile cache, baseline with a warm one; not compared" in cold.message
+    cold = gate.check("t::a", HW, record(same, memory=1_500_000, compile_s=60.0) | {"compile_cache": "cold"})
+    assert not cold.failed and cold.info["compile_verdict"] == "not compared" == cold.info["memory_verdict"]
+    assert "compile time: measured with a cold compile cache, baseline with a warm one; not compared" in cold.message
+    assert "peak memory: measured with a cold compile cache" in cold.message
     warm = gate.check("t::a", HW, record(same, compile_s=1.5) | {"compile_cache": "warm"})
     assert warm.failed and "compile time regressed" in warm.message
 
