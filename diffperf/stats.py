@@ -245,7 +245,7 @@ class HistoryComparison:
         return (f"{self.verdict}: history of {self.runs} runs centred on {fmt_seconds(self.center)}, head "
                 f"{fmt_seconds(self.head_median)}, ratio {self.ratio:.3f}; run-to-run drift explains up to "
                 f"{self.explained:.3f} at alpha {self.alpha:g} (between-run CV {self.between_run_cv:.1%}), "
-                f"tolerance {self.tolerance:.0%} beyond that")
+                f"tolerance {self.tolerance:.0%}; flags from {self.min_flaggable:+.0%}")
 
 
 def compare_to_history(head: Sequence[float], medians: Sequence[float], tolerance: float = 0.10,
