@@ -34,6 +34,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands with their own argument parsers: the module whose main(argv) runs each.
+SUBCOMMANDS = {"compare": "diffperf.compare", "trend": "diffperf.trend", "baseline": "diffperf.baselines",
+               "confirm": "diffperf.ab_confirm", "launch": "diffperf.launcher"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffperf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,26 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="default: 5")
     p.set_defaults(func=cmd_run)
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "compare":
-        from diffperf.compare import main as compare_main
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
 
-        return compare_main(argv[1:])
-    if argv and argv[0] == "trend":
-        from diffperf.trend import main as trend_main
-
-        return trend_main(argv[1:])
-    if argv and argv[0] == "baseline":
-        from diffperf.baselines import main as baseline_main
-
-        return baseline_main(argv[1:])
-    if argv and argv[0] == "confirm":
-        from diffperf.ab_confirm import main as confirm_main
-
-        return confirm_main(argv[1:])
-    if argv and argv[0] == "launch":
-        from diffperf.launcher import main as launch_main
-
-        return launch_main(argv[1:])
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

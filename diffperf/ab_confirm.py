@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from diffperf.fileio import atomic_write_text
 
 
 def gate_flags(run) -> list[dict]:
@@ -110,7 +108,7 @@ def render(rows: list[dict], other_failures: list[dict], markdown: bool = False)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from diffperf.compare import RunError, load_run, resolve_run
+    from diffperf.compare import RunError, load_run, resolve_run, write_markdown
 
     argv = list(sys.argv[1:] if argv is None else argv)
     own, pytest_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -133,14 +131,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     rows = conclude(flags, results)
     print(render(rows, other))
     if a.markdown:
-        md = render(rows, other, markdown=True)
-        if a.markdown == "-":
-            target = os.environ.get("GITHUB_STEP_SUMMARY")
-            if target:
-                with open(target, "a", encoding="utf-8") as fh:
-                    fh.write(md)
-        else:
-            atomic_write_text(a.markdown, md)
+        write_markdown(a.markdown, render(rows, other, markdown=True))
     return 1 if other or any(r["outcome"] != "machine drift" for r in rows) else 0
 
 

@@ -548,18 +548,23 @@ def main(argv: Iterable[str] | None = None) -> int:
     ab = ab_records(head)
     print(render_table(rows, base, head) + (f"\n\n{render_ab_table(ab)}" if ab else ""))
     if a.markdown:
-        target = os.environ.get("GITHUB_STEP_SUMMARY") if a.markdown == "-" else a.markdown
-        if target:
-            md = render_markdown(rows, base, head) + (f"\n{render_ab_markdown(ab)}" if ab else "")
-            if a.markdown == "-":
-                with open(target, "a", encoding="utf-8") as fh:
-                    fh.write(md)
-            else:
-                atomic_write_text(target, md)
+        write_markdown(a.markdown, render_markdown(rows, base, head) + (f"\n{render_ab_markdown(ab)}" if ab else ""))
     if a.html:
         trend = trend_runs_for(head, a.storage, a.trend) if a.trend else []
         atomic_write_text(a.html, render_html(rows, base, head, trend))
     return 1 if any(r.regressed for r in rows) else 0
+
+
+def write_markdown(option: str, md: str) -> None:
+    """``--markdown`` output: appended to ``$GITHUB_STEP_SUMMARY`` for ``-`` (nothing outside CI), else a file
+    written atomically."""
+    if option == "-":
+        target = os.environ.get("GITHUB_STEP_SUMMARY")
+        if target:
+            with open(target, "a", encoding="utf-8") as fh:
+                fh.write(md)
+    else:
+        atomic_write_text(option, md)
 
 
 def _main_ab(a: argparse.Namespace) -> int:
@@ -578,14 +583,7 @@ def _main_ab(a: argparse.Namespace) -> int:
         return 2
     print(render_ab_table(records))
     if a.markdown:
-        target = os.environ.get("GITHUB_STEP_SUMMARY") if a.markdown == "-" else a.markdown
-        if target:
-            md = render_ab_markdown(records)
-            if a.markdown == "-":
-                with open(target, "a", encoding="utf-8") as fh:
-                    fh.write(md)
-            else:
-                atomic_write_text(target, md)
+        write_markdown(a.markdown, render_ab_markdown(records))
     if a.html:
         print("diffperf compare: --html renders two runs; not written for one A/B run", file=sys.stderr)
     return 1 if any(regressed(ab) for _t, ab in records) else 0
