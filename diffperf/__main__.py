@@ -34,30 +34,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommands with their own argument parsers: the module whose main(argv) runs each.
-SUBCOMMANDS = {"compare": "diffperf.compare", "trend": "diffperf.trend", "baseline": "diffperf.baselines",
-               "confirm": "diffperf.ab_confirm", "launch": "diffperf.launcher"}
-
+# Subcommands with their own argument parsers: the module whose main(argv) runs each, and its help line.
+SUBCOMMANDS = {
+    "compare": ("diffperf.compare", "compare two saved runs"),
+    "trend": ("diffperf.trend", "change points over saved runs and baseline histories"),
+    "baseline": ("diffperf.baselines", "fold saved runs into the baseline history, check baseline files"),
+    "launch": ("diffperf.launcher", "run pytest in isolated processes, one worker per device, and merge the results"),
+    "confirm": ("diffperf.ab_confirm", "re-measure the gate's flags of a run as A/B against their baseline commits"),
+}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffperf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("presets", help="list the presets with their parameter counts")
     p.set_defaults(func=cmd_presets)
-    p = sub.add_parser("compare", help="compare two saved runs (see python -m diffperf compare -h)", add_help=False)
-    p.set_defaults(func=None)
-    p = sub.add_parser("trend", help="change points over saved runs and baseline histories (see python -m diffperf "
-                                     "trend -h)", add_help=False)
-    p.set_defaults(func=None)
-    p = sub.add_parser("baseline", help="fold saved runs into the baseline history, check baseline files (see "
-                                        "python -m diffperf baseline -h)", add_help=False)
-    p.set_defaults(func=None)
-    p = sub.add_parser("launch", help="run pytest in isolated processes, one worker per device, and merge the results "
-                                      "(see python -m diffperf launch -h)", add_help=False)
-    p.set_defaults(func=None)
-    p = sub.add_parser("confirm", help="re-measure the gate's flags of a run as A/B against their baseline commits "
-                                       "(see python -m diffperf confirm -h)", add_help=False)
-    p.set_defaults(func=None)
+    for name, (_module, help_line) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=f"{help_line} (see python -m diffperf {name} -h)", add_help=False)
+        p.set_defaults(func=None)
     p = sub.add_parser("run", help="build and measure one case outside pytest")
     p.add_argument("recipe", help="recipe tag or name, e.g. fp32-sdpa or bf16-sdpa-cl-compile")
     p.add_argument("--framework", default="torch", choices=("torch", "tf", "jax"), help="default: torch")
@@ -71,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
 
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 
