@@ -229,6 +229,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--perf-ab-timeout", type=parse_seconds, default=600.0, metavar="SECONDS",
         help="seconds the A/B base worker may take to answer one request (a build may take 30 min) before it is "
              "killed as hung. Default: 600.")
+    add("--perf-ab-process-cv", type=parse_fraction("A/B process CV", 0.5), default=0.01, metavar="FRACTION",
+        help="A/B: standard deviation of the fixed speed offset between two processes of the same tree, added to "
+             "the pairs' interval (no number of pairs averages it away; measure yours with "
+             "benchmarks/ab_calibration.py, 0 trusts the pairs alone). Default: 0.01.")
     add("--perf-select", default=None, metavar="FILE",
         help="run only the node ids listed in FILE, one a line (used by python -m diffperf launch). Default: all.")
     add("--perf-dist-group", type=_choice("dist group", DIST_GROUPS), default="framework", metavar="UNIT",

@@ -121,7 +121,7 @@ def _pairs(ratio: float, n: int, noise: float, seed: int, drift: float = 0.3):
 def test_known_ratio_gives_the_verdict(ratio, verdict):
     for seed in range(5):
         head, base = _pairs(ratio, 40, 0.02, seed)
-        cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
+        cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01, process_cv=0)
         assert cmp.verdict == verdict, (seed, cmp)
         assert cmp.ci_low <= cmp.ratio <= cmp.ci_high
         assert abs(cmp.ratio / ratio - 1) < 0.03
@@ -133,10 +133,33 @@ def test_drift_between_pairs_does_not_make_a_regression():
     # The machine gets 30 % slower over the run: unpaired, the head's late rounds look slower than the
     # base's early ones; paired, every ratio sees one machine speed and A/A stays "unchanged".
     head, base = _pairs(1.0, 40, 0.01, 7, drift=0.3)
-    assert ab.paired_compare(head, base, tolerance=0.03, alpha=0.01).verdict == "unchanged"
+    assert ab.paired_compare(head, base, tolerance=0.03, alpha=0.01, process_cv=0).verdict == "unchanged"
+    assert ab.paired_compare(head, base, tolerance=0.05, alpha=0.01).verdict == "unchanged"
     from diffperf import stats
 
     assert stats.compare_samples(head[20:], base[:20], tolerance=0.03, alpha=0.01).verdict == "regressed"
+
+
+def _offset_pairs(ratio: float, spread: float, n: int = 40):
+    """Pairs whose log-ratios are log(ratio) plus an even spread of +-``spread``, on a drifting machine."""
+    base = 0.1 * (1 + 0.3 * np.linspace(0, 1, n) ** 2)
+    return list(base * ratio * np.exp(np.linspace(-spread, spread, n))), list(base)
+
+
+@pytest.mark.parametrize("spread", [0.02, 0.03])
+def test_a_fixed_offset_between_two_processes_is_not_a_regression_but_twice_the_tolerance_is(spread):
+    # Measured A/A: two processes of one tree differ by a fixed offset (sd 0.9 %, up to 2.3 %) that every pair
+    # carries, so the pairs alone call it significant. The between-process term keeps a 2.3 % offset at a 3 %
+    # tolerance from failing, while the calibration's 6 % slowdown (5 % of the call) still fails.
+    head, base = _offset_pairs(1.023, spread)
+    assert ab.paired_compare(head, base, tolerance=0.03, alpha=0.01, process_cv=0).verdict == "regressed"
+    cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
+    assert cmp.verdict == "inconclusive" and cmp.ci_low < 1 < cmp.ci_high and cmp.process_cv == ab.PROCESS_CV
+    assert cmp.min_detectable > 0.03  # one process a side cannot promise to detect 3 % at alpha 0.01
+    assert cmp.decided  # more pairs would hardly narrow the interval: the sequential loop stops
+    assert "between-process offset" in cmp.describe()
+    assert ab.paired_compare(*_offset_pairs(1.05, spread), tolerance=0.03, alpha=0.01).verdict == "regressed"
+    assert ab.paired_compare(*_offset_pairs(1 / 1.05, spread), tolerance=0.03, alpha=0.01).verdict == "improved"
 
 
 def test_too_few_noisy_pairs_are_inconclusive_and_say_what_they_could_detect():
