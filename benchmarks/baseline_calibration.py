@@ -14,12 +14,15 @@ over the cases, the bar of issue 12. The history comes from the committed baseli
 (``--baselines``, default ``baselines/<hardware id>.json``) when its entries hold 3 runs or more, else
 from the first ``--history-runs`` unchanged runs (those runs are then left out of the evaluation).
 
-Both gates see the same samples:
+Three verdicts on the same samples:
 
 * today's gate (:func:`diffperf.stats.compare_samples`): the run's rounds against the rounds of the
   history's latest run;
 * the history gate (:func:`diffperf.stats.compare_to_history`): the run's median against the history's
-  run-to-run spread, tolerance beyond it.
+  run-to-run spread, tolerance beyond it;
+* the run's verdict: what the run itself recorded (``extra_info["gate"]``): the history gate, and each of
+  its latency flags re-measured as interleaved A/B against the baseline's commit (``--perf-confirm ab``,
+  the default), "regressed" only when the A/B confirms.
 
 The table gives, per gate, the "regressed" verdicts on unchanged runs (false alarms) and on injected
 runs (detections), and per case the between-run CV and the smallest flaggable regression. The exit
@@ -80,7 +83,8 @@ def load_saved(out: Path, label: str) -> list[dict[str, dict]]:
     for p in saved_runs(out / "storage"):
         if p.name.endswith(f"_{label}.json"):
             run = load_run(p)
-            found.append({t: {"samples": samples_of(b), "hardware_id": _record(b).get("hardware_id")}
+            found.append({t: {"samples": samples_of(b), "hardware_id": _record(b).get("hardware_id"),
+                              "gate": _record(b).get("gate") or {}}
                           for t, b in run.benchmarks.items()})
     return found
 
@@ -102,7 +106,9 @@ def evaluate(out: Path, baselines: Path | None, history_runs: int, tolerance: fl
     unchanged, injected = load_saved(out, "calib-unchanged"), load_saved(out, "calib-injected")
     meds, latest, skip, source = histories(unchanged, baselines, history_runs)
     evals = [("unchanged", r) for r in unchanged[skip:]] + [("injected", r) for r in injected]
-    counts = {g: {"unchanged": [0, 0], "injected": [0, 0]} for g in ("today's gate", "history gate")}
+    gates = ("today's gate", "history gate", "run's verdict")
+    counts = {g: {"unchanged": [0, 0], "injected": [0, 0]} for g in gates}
+    confirmations = {"unchanged": {}, "injected": {}}
     per_case = {}
     for kind, run in evals:
         for t, m in meds.items():
@@ -111,15 +117,27 @@ def evaluate(out: Path, baselines: Path | None, history_runs: int, tolerance: fl
             head = run[t]["samples"]
             today = stats.compare_samples(head, latest[t], tolerance=tolerance, alpha=alpha).verdict
             hist = stats.compare_to_history(head, m, tolerance=tolerance, alpha=alpha)
-            for gate, verdict in (("today's gate", today), ("history gate", hist.verdict)):
-                counts[gate][kind][0] += verdict == "regressed"
-                counts[gate][kind][1] += 1
+            ran = run[t]["gate"]  # what the run itself decided: history gate, then the inline A/B (--perf-confirm)
+            for gate, verdict in (("today's gate", today), ("history gate", hist.verdict),
+                                  ("run's verdict", ran.get("verdict") if ran.get("history_runs") else None)):
+                if verdict is not None:
+                    counts[gate][kind][0] += verdict == "regressed"
+                    counts[gate][kind][1] += 1
+            outcome = (ran.get("confirmation") or {}).get("outcome")
+            if outcome:
+                confirmations[kind][outcome] = confirmations[kind].get(outcome, 0) + 1
             per_case.setdefault(t, []).append(hist.min_flaggable)
     lines = [f"history: {source}; tolerance {tolerance:.0%}, alpha {alpha:g}",
              f"{'gate':<14} {'false alarms (unchanged)':>26} {'caught (injected)':>20}"]
     for gate, c in counts.items():
         u, i = c["unchanged"], c["injected"]
         lines.append(f"{gate:<14} {f'{u[0]} of {u[1]}':>26} {f'{i[0]} of {i[1]}':>20}")
+    lines.append("run's verdict: the gate of each run as it ran (history gate, then its flags re-measured as A/B "
+                 "against the baseline's commit, --perf-confirm ab)")
+    for kind, got in confirmations.items():
+        if got:
+            lines.append(f"  A/B re-measurements of {kind} runs' flags: "
+                         + ", ".join(f"{n} {outcome}" for outcome, n in sorted(got.items())))
     lines += ["", f"{'case':<70} {'between-run CV':>15} {'smallest flaggable':>19}"]
     for t, m in meds.items():
         cv = stats.between_run_cv(m)

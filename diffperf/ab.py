@@ -647,17 +647,25 @@ def _compile_figure(base_stats: dict, cold_s: float | None, steady: Sequence[flo
     return max(0.0, float(cold_s) - float(np.median(steady))), "cold-start-excess"
 
 
-def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
-            tolerance: float, alpha: float, memory_tolerance: float, compile_tolerance: float,
-            inject_slowdown: float = 0.0, breakdown_rounds: int = 3,
-            process_cv: float = PROCESS_CV) -> tuple[dict, AbOutcome]:
-    """Measure ``prepared`` (the head) against the base worker in pairs; ``(head record, A/B outcome)``.
+@dataclasses.dataclass
+class Paired:
+    """One case measured in pairs against the base worker (what :func:`pair_up` returns)."""
 
-    The record is the head's, as :func:`diffperf.harness.record` makes it from the head's paired rounds,
-    with ``record["ab"]`` added. Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`.
-    """
+    pairs: PairsResult
+    seed: int
+    head_warm: list[float]
+    base_warm: list[float]
+    head_peak: Any
+    head_memory_kind: str | None
+    base_built: dict
+    base_stats: dict
+
+
+def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
+            tolerance: float, alpha: float, inject_slowdown: float = 0.0, process_cv: float = PROCESS_CV) -> Paired:
+    """Build ``prepared``'s case in the base worker, warm both sides and take the pairs; the base pipeline is
+    released afterwards. Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`."""
     from diffperf import harness
-    from diffperf.hardware import software_versions
     from diffperf.timing import timed_call
 
     case, runner = prepared.case, prepared.runner
@@ -692,6 +700,26 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                 worker.request("release")
             except AbWorkerError:
                 pass
+    return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats)
+
+
+def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
+            tolerance: float, alpha: float, memory_tolerance: float, compile_tolerance: float,
+            inject_slowdown: float = 0.0, breakdown_rounds: int = 3,
+            process_cv: float = PROCESS_CV) -> tuple[dict, AbOutcome]:
+    """Measure ``prepared`` (the head) against the base worker in pairs; ``(head record, A/B outcome)``.
+
+    The record is the head's, as :func:`diffperf.harness.record` makes it from the head's paired rounds,
+    with ``record["ab"]`` added. Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`.
+    """
+    from diffperf import harness
+    from diffperf.hardware import software_versions
+
+    runner = prepared.runner
+    got = pair_up(ab, prepared, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
+                  tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv)
+    res, seed, head_warm, base_warm = got.pairs, got.seed, got.head_warm, got.base_warm
+    head_peak, head_kind, base_built, base_stats = got.head_peak, got.head_memory_kind, got.base_built, got.base_stats
     if benchmark is not None:
         _record_rounds(benchmark, res.head)
     breakdowns = [runner.generate_instrumented()[1].as_dict() for _ in range(breakdown_rounds)]

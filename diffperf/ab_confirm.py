@@ -1,4 +1,11 @@
-"""``python -m diffperf confirm RUN -- PYTEST ARGS``: re-measure the stored-baseline gate's flags as A/B.
+"""Gate flags re-measured as interleaved A/B: inline in the run that flags them, or afterwards on a saved run.
+
+Inline (``--perf-confirm ab``, the default): when the stored-baseline gate flags a test's latency, the
+still-built pipeline is measured again in random-order pairs against the commit of the baseline's latest
+run, built in a base worker (:mod:`diffperf.ab`), and the test fails only when the A/B confirms:
+:func:`confirm_flag`.
+
+``python -m diffperf confirm RUN -- PYTEST ARGS`` does the same for a saved run, in new processes.
 
 A test the gate flagged in ``RUN`` (a saved or merged run: latency, peak memory or compile time
 "regressed" against its baseline) is measured again as an interleaved A/B against the commit its baseline
@@ -19,19 +26,108 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
+
+# Package versions whose difference a same-interpreter A/B cannot measure (everything the harness records but these).
+_NOT_STACK = ("pytest-benchmark",)
+
+
+def stack_changes(baseline_versions: dict | None, versions: dict) -> list[str]:
+    """``"torch 2.12.0 -> 2.13.0"`` for every stack package whose version differs from the baseline's."""
+    base = baseline_versions or {}
+    return [f"{k} {base[k]} -> {versions[k]}" for k in sorted(set(base) & set(versions))
+            if k not in _NOT_STACK and base[k] != versions[k]]
+
+
+def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: str, tolerance: float, alpha: float,
+                 rounds: int, warmup_rounds: int, max_time_s: float, inject_slowdown: float, process_cv: float,
+                 timeout_s: float, seed: int, malloc: str):
+    """Re-measure a latency flag of the gate (``outcome``) as A/B against the baseline's commit.
+
+    ``sessions`` caches one :class:`diffperf.ab.AbSession` per baseline commit (the caller closes them).
+    Returns a new :class:`diffperf.gate.GateOutcome`: latency stays "regressed" when the A/B confirms it,
+    and also when nothing can clear it: no baseline commit, a commit missing from this clone, stack versions
+    that differ from the baseline's (one interpreter's A/B compares code, not an upgrade), a failed A/B, or
+    an A/B that is inconclusive. Only an A/B verdict "unchanged" or "improved" clears the flag (machine drift).
+    """
+    from diffperf import ab
+    from diffperf.gate import GateOutcome
+    from diffperf.hardware import software_versions
+
+    info = dict(outcome.info)
+    commit = info.get("baseline_commit")
+    conf: dict[str, Any] = {"base_commit": commit, "flag_ratio": info.get("history_ratio", info.get("ratio"))}
+    cmp = None
+    changes = stack_changes(info.get("baseline_versions"), software_versions())
+    if not commit:
+        why = "the baseline records no commit to measure against"
+    elif changes:
+        why = (f"the stack differs from the baseline's ({', '.join(changes)}); an A/B in this interpreter compares "
+               f"code only (measure an upgrade with --perf-ab-python)")
+    else:
+        why = None
+        try:
+            session = sessions.get(commit)
+            if session is None:
+                settings = ab.configure(rootdir, commit, None, timeout_s, seed, malloc)
+                session = sessions[commit] = ab.AbSession(settings)
+            got = ab.pair_up(session, prepared, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds,
+                             max_time_s=max_time_s, tolerance=tolerance, alpha=alpha,
+                             inject_slowdown=inject_slowdown, process_cv=process_cv)
+        except ab.AbError as exc:
+            if isinstance(exc, ab.AbWorkerError) and commit in sessions:
+                sessions[commit].discard_worker()
+            why = f"the A/B failed: {exc}"
+        else:
+            cmp = got.pairs.comparison
+            conf.update(verdict=cmp.verdict, ratio=cmp.ratio, ci=[cmp.ci_low, cmp.ci_high], p=cmp.p_value,
+                        pairs=cmp.pairs, order=got.pairs.order, order_seed=got.seed, process_cv=process_cv,
+                        min_detectable_slowdown=cmp.min_detectable, pairs_seconds=got.pairs.seconds,
+                        head_samples_s=got.pairs.head, base_samples_s=got.pairs.base,
+                        head_commit=session.head_commit)
+            if cmp.verdict == "inconclusive":
+                why = "the A/B is inconclusive"
+    if cmp is not None and cmp.verdict == "regressed":
+        conf["outcome"], line = "confirmed", f"confirmed by interleaved A/B against baseline commit {commit[:12]}: "
+    elif why is None:
+        conf["outcome"], line = "machine drift", (f"not confirmed by interleaved A/B against baseline commit "
+                                                  f"{commit[:12]} (machine drift, not failing): ")
+    else:
+        conf["outcome"], line = "not confirmable", f"flag stands, not confirmable: {why}"
+        line += ": " if cmp is not None else ""
+    if cmp is not None:
+        line += cmp.describe()
+    info["confirmation"] = conf
+    others = [name for name, key in (("peak memory", "memory_verdict"), ("compile time", "compile_verdict"))
+              if info.get(key) == "regressed"]
+    head, *rest = outcome.message.splitlines()
+    if conf["outcome"] == "machine drift":
+        info["flag"], info["verdict"] = info.get("verdict"), cmp.verdict
+        where = head.split(": ", 1)[0]
+        head = (f"{where}: {' and '.join(others)} regressed" if others
+                else f"{where}: {cmp.verdict} (latency flag cleared by A/B)")
+        return GateOutcome(bool(others), "\n".join([head, *rest, "  " + line]), info, cmp.verdict)
+    return GateOutcome(True, "\n".join([head, *rest, "  " + line]), info, "regressed")
 
 
 
 def gate_flags(run) -> list[dict]:
-    """The tests the gate flagged in ``run``: ``{"test", "commit", "what", "ratio"}``."""
+    """The tests the gate flagged in ``run``: ``{"test", "commit", "what", "ratio", "inline"}``.
+
+    A latency flag the run already confirmed or cleared by A/B (``--perf-confirm ab``) carries that
+    confirmation as ``inline`` and is not measured again.
+    """
     out = []
     for name, bench in run.benchmarks.items():
         gate = (bench.get("extra_info") or {}).get("gate") or {}
-        what = [k for k, key in (("latency", "verdict"), ("peak memory", "memory_verdict"),
-                                 ("compile time", "compile_verdict")) if gate.get(key) == "regressed"]
+        conf = gate.get("confirmation") or {}
+        latency = gate.get("flag", gate.get("verdict"))
+        what = [k for k, v in (("latency", latency), ("peak memory", gate.get("memory_verdict")),
+                               ("compile time", gate.get("compile_verdict"))) if v == "regressed"]
         if what:
-            out.append({"test": name, "commit": gate.get("baseline_commit"), "what": what, "ratio": gate.get("ratio")})
+            inline = conf if conf.get("outcome") in ("confirmed", "machine drift") and what == ["latency"] else None
+            out.append({"test": name, "commit": gate.get("baseline_commit"), "what": what, "ratio": gate.get("ratio"),
+                        "inline": inline})
     return out
 
 
@@ -40,7 +136,7 @@ def remeasure(flags: list[dict], pytest_args: list[str], python: str, workdir: P
     results: dict[str, dict] = {}
     by_commit: dict[str, list[str]] = {}
     for f in flags:
-        if f["commit"]:
+        if f["commit"] and not f.get("inline"):
             by_commit.setdefault(f["commit"], []).append(f["test"])
     for i, (commit, tests) in enumerate(sorted(by_commit.items())):
         select, out = workdir / f"confirm-{i}.select", workdir / f"confirm-{i}.json"
@@ -64,8 +160,10 @@ def conclude(flags: list[dict], results: dict[str, dict]) -> list[dict]:
     """One row per flag: confirmed / machine drift / not confirmed (why)."""
     rows = []
     for f in flags:
-        ab = results.get(f["test"])
-        if not f["commit"]:
+        ab = f.get("inline") or results.get(f["test"])
+        if f.get("inline"):
+            outcome = f["inline"]["outcome"] + " (in the run)"
+        elif not f["commit"]:
             outcome = "not confirmed: the baseline records no commit"
         elif not ab or ab.get("verdict") == "error":
             outcome = f"not confirmed: A/B failed ({(ab or {}).get('error', 'no result')})"
@@ -85,8 +183,8 @@ def _ab_text(ab: dict | None) -> str:
 
 
 def render(rows: list[dict], other_failures: list[dict], markdown: bool = False) -> str:
-    confirmed = sum(r["outcome"] == "confirmed" for r in rows)
-    drift = sum(r["outcome"] == "machine drift" for r in rows)
+    confirmed = sum(r["outcome"].startswith("confirmed") for r in rows)
+    drift = sum(r["outcome"].startswith("machine drift") for r in rows)
     head = (f"{len(rows)} gate flag(s): {confirmed} confirmed by A/B, {drift} machine drift, "
             f"{len(rows) - confirmed - drift} not confirmed")
     header = ["test", "gate", "baseline commit", "A/B", "outcome"]
@@ -132,7 +230,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     print(render(rows, other))
     if a.markdown:
         write_markdown(a.markdown, render(rows, other, markdown=True))
-    return 1 if other or any(r["outcome"] != "machine drift" for r in rows) else 0
+    return 1 if other or any(not r["outcome"].startswith("machine drift") for r in rows) else 0
 
 
 if __name__ == "__main__":

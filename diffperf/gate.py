@@ -157,6 +157,7 @@ class Gate:
                     ratio=cmp.ratio, ratio_ci=[cmp.ci.low, cmp.ci.high], p_slower=cmp.p_slower,
                     p_faster=cmp.p_faster, min_detectable_slowdown=cmp.min_detectable,
                     baseline_rounds=base.get("rounds"), baseline_commit=(base.get("commit") or {}).get("id"),
+                    baseline_versions=base.get("versions"),
                     history_runs=len(medians), between_run_cv=stats.between_run_cv(medians) if len(medians) >= 2 else None)
         lines = [f"latency {cmp.describe()}, baseline rounds {len(base['samples_s'])}, measured rounds {len(samples)}, "
                  f"CV {info['cv']:.1%}, min detectable slowdown {cmp.min_detectable:.1%}"]

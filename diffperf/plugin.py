@@ -27,6 +27,8 @@ from diffperf.session import PerfSession
 from diffperf.stats import MIN_HISTORY
 from diffperf.table import results_table
 
+CONFIRM_MODES = ("ab", "off")  # --perf-confirm
+
 
 # --------------------------------------------------------------------------------------------------
 # Option types: each raises argparse.ArgumentTypeError naming the bad value.
@@ -229,6 +231,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--perf-ab-timeout", type=parse_seconds, default=600.0, metavar="SECONDS",
         help="seconds the A/B base worker may take to answer one request (a build may take 30 min) before it is "
              "killed as hung. Default: 600.")
+    add("--perf-confirm", type=_choice("confirm mode", CONFIRM_MODES), default="ab", metavar="MODE",
+        help="what a latency flag of the stored-baseline gate goes through before it fails the test: 'ab' measures "
+             "the case again as interleaved A/B against the commit of the baseline's latest run and fails only "
+             "when the A/B confirms (diffperf/ab_confirm.py), 'off' fails on the flag. Default: ab.")
     add("--perf-ab-process-cv", type=parse_fraction("A/B process CV", 0.5), default=0.01, metavar="FRACTION",
         help="A/B: standard deviation of the fixed speed offset between two processes of the same tree, added to "
              "the pairs' interval (no number of pairs averages it away; measure yours with "
@@ -480,8 +486,8 @@ def perf_case(request: pytest.FixtureRequest, perf_session: PerfSession):
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     perf = getattr(session.config, "_diffperf_session", None)
-    if perf is not None and perf.ab is not None:
-        perf.ab.close()
+    if perf is not None:
+        perf.close_ab()
     if perf is not None:
         from diffperf.harness import release_shared
 

@@ -27,6 +27,7 @@ class PerfSession:
         self.records: list[tuple[str, dict]] = []
         self.gate = make_gate(config)
         self.ab = make_ab(config)
+        self.confirmers: dict = {}  # baseline commit -> AbSession of the inline confirmation (--perf-confirm ab)
 
     def fidelity(self, prepared) -> dict | None:
         """Compare ``prepared``'s output with its fp32 reference (``None`` with --perf-no-fidelity)."""
@@ -98,6 +99,9 @@ class PerfSession:
             rec["fidelity"]["reference"] = case.reference.recipe.tag()
         if self.gate is not None:
             outcome = self.gate.check(request.node.nodeid, rec["hardware_id"], rec, tolerance=tolerance)
+            if outcome.verdict == "regressed" and outcome.failed and ab_outcome is None and ab_error is None \
+                    and opt("perf_confirm") == "ab":
+                outcome = self.confirm(prepared, outcome, request.node.nodeid, tolerance)
             rec["gate"] = outcome.info
             rec["gate_message"] = outcome.message
         benchmark.extra_info.update(rec)
@@ -112,6 +116,24 @@ class PerfSession:
         if self.gate is not None and outcome.failed:
             pytest.fail(outcome.message, pytrace=False)
         return rec
+
+    def confirm(self, prepared, outcome, test_id: str, tolerance: float):
+        """The gate's latency flag re-measured as A/B against the baseline's commit (:mod:`diffperf.ab_confirm`)."""
+        from diffperf.ab_confirm import confirm_flag
+
+        opt = self.config.getoption
+        return confirm_flag(
+            self.confirmers, prepared, outcome, rootdir=Path(self.config.rootpath), test_id=test_id,
+            tolerance=tolerance, alpha=opt("perf_alpha"), rounds=opt("perf_rounds"),
+            warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
+            inject_slowdown=opt("perf_inject_slowdown"), process_cv=opt("perf_ab_process_cv"),
+            timeout_s=opt("perf_ab_timeout"), seed=opt("perf_seed"), malloc=opt("perf_malloc"))
+
+    def close_ab(self) -> None:
+        """Stop every A/B base worker and remove its worktree (--perf-ab-base and the inline confirmations)."""
+        for session in [self.ab, *self.confirmers.values()]:
+            if session is not None:
+                session.close()
 
     def build_reference(self, case: Case) -> None:
         """Build ``case``'s reference, keep its output and free it, unless done already (or fidelity is off).

@@ -39,6 +39,18 @@ def ab_cell(ab: dict | None) -> str:
     return f"{ab['verdict']} {ab['ratio']:.3f} [{low:.3f}, {high:.3f}] n={ab['pairs']}"
 
 
+def _gate_cell(gate: dict) -> str:
+    """The gate's latency verdict; a flag re-measured by A/B (``--perf-confirm ab``) is marked with its outcome."""
+    outcome = (gate.get("confirmation") or {}).get("outcome")
+    if outcome == "machine drift":
+        return f"{gate.get('verdict')} (drift)†"
+    if outcome == "confirmed":
+        return "regressed (A/B)†"
+    if outcome == "not confirmable":
+        return "regressed (unconfirmed)"
+    return gate.get("verdict", "-")
+
+
 def results_table(records: list[tuple[str, dict]], published_path=None) -> list[str]:
     """The terminal table of this run's results, one line per case, then the published figures its cases
     match (:mod:`diffperf.published`), or why none applies."""
@@ -57,7 +69,7 @@ def results_table(records: list[tuple[str, dict]], published_path=None) -> list[
             fid_s = ("identical" if fid.get("identical") else f"{psnr:.1f} dB") + ("" if fid.get("ok") else " FAIL")
         else:
             fid_s = "-"
-        gate = (r.get("gate") or {}).get("verdict", "-")
+        gate = _gate_cell(r.get("gate") or {})
         rows.append((
             f"{r['framework']}-{r['device']}-{r['case']['id']}", _fmt_s(r["median_s"]), f"{r['cv'] * 100:.1f}%",
             _fmt_s(r["cold_start_s"]), _fmt_s(r.get("compile_s")), _fmt_bytes(r["peak_memory_bytes"].get("steady")),
@@ -68,5 +80,8 @@ def results_table(records: list[tuple[str, dict]], published_path=None) -> list[
     out = [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
     if any(row[9].endswith("*") for row in rows):
         out.append("* baseline history under 3 runs: the verdict ignores between-run drift (within-run noise only)")
+    if any(row[8].endswith("†") for row in rows):
+        out.append("† the gate flagged this case's latency; an interleaved A/B against the baseline's commit did not "
+                   "confirm it (machine drift) or did (regressed); see the test's gate record")
     measured = [(f"{r['framework']}-{r['device']}-{r['case']['id']}", r, r["median_s"]) for _n, r in records]
     return out + [""] + published.run_figures(measured, path=published_path).text_lines()

@@ -472,7 +472,7 @@ def test_confirm_remeasures_gate_flags_as_ab(ab_repo, monkeypatch, code_slower, 
         _git(root, "commit", "-qam", "slower")
     else:  # the same code on a machine that became 40 % slower
         monkeypatch.setenv("FAKE_DURATION", "0.028")
-    result = ab_repo.runpytest_subprocess(*RUN, *base, "--benchmark-json", "flagged.json")
+    result = ab_repo.runpytest_subprocess(*RUN, *base, "--benchmark-json", "flagged.json", "--perf-confirm", "off")
     assert result.ret == 1
     gate = _bench_of(root / "flagged.json")["extra_info"]["gate"]
     assert gate["verdict"] == "regressed" and gate["baseline_commit"] == baseline_commit
@@ -483,6 +483,101 @@ def test_confirm_remeasures_gate_flags_as_ab(ab_repo, monkeypatch, code_slower, 
     assert expected in out.stdout and baseline_commit[:12] in out.stdout
     assert "### diffperf: gate flags re-measured as A/B" in (root / "confirm.md").read_text()
     assert _worktrees(root) == [f"worktree {root}"]
+
+
+@pytest.mark.parametrize("change, ret, outcome, verdict", [
+    ("code", 1, "confirmed", "regressed"),  # the next commit's builder is 40 % slower
+    ("inject", 1, "confirmed", "regressed"),  # --perf-inject-slowdown slows the head's calls only
+    ("machine", 0, "machine drift", "unchanged"),  # the same code on a machine that became 40 % slower
+])
+def test_a_latency_flag_is_confirmed_inline_by_ab_against_the_baseline_commit(ab_repo, monkeypatch, change, ret,
+                                                                               outcome, verdict):
+    root = ab_repo.path
+    base = ["--perf-baselines-dir", str(root / "bl")]
+    assert ab_repo.runpytest_subprocess(*RUN, *base, "--perf-update-baselines").ret == 0
+    baseline_commit = _git(root, "rev-parse", "HEAD").strip()
+    extra = []
+    if change == "code":
+        (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag="head", scale=1.4))
+        _git(root, "commit", "-qam", "slower")
+    elif change == "inject":
+        extra = ["--perf-inject-slowdown", "0.4"]
+    else:
+        monkeypatch.setenv("FAKE_DURATION", "0.028")
+    result = ab_repo.runpytest_subprocess(*RUN, *base, *extra, "--benchmark-json", "run.json")
+    assert result.ret == ret, result.stdout.str()
+    gate = _bench_of(root / "run.json")["extra_info"]["gate"]
+    conf = gate["confirmation"]
+    assert conf["outcome"] == outcome and conf["base_commit"] == baseline_commit and conf["pairs"] >= 12
+    assert gate["verdict"] == verdict and gate.get("flag", "regressed") == "regressed"
+    assert len(conf["head_samples_s"]) == len(conf["base_samples_s"]) == conf["pairs"]
+    if change == "machine":
+        assert f"not confirmed by interleaved A/B against baseline commit {baseline_commit[:12]} (machine drift, not " \
+               "failing)" in _bench_of(root / "run.json")["extra_info"]["gate_message"]
+        result.stdout.fnmatch_lines(["*torch-cpu-tiny-fp32-sdpa-bs1-4steps *unchanged (drift)†*", "† the gate flagged*"])
+        assert conf["ratio"] < 1.1
+    else:
+        result.stdout.fnmatch_lines([f"*confirmed by interleaved A/B against baseline commit {baseline_commit[:12]}*"])
+        assert conf["ratio"] > 1.25
+    assert _worktrees(root) == [f"worktree {root}"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"commit": {"id": "0" * 40}}, "*flag stands, not confirmable: the A/B failed:*"),
+    ({"versions": {"torch": "0.0.1-older"}}, "*flag stands, not confirmable: the stack differs from the baseline's "
+                                              "(torch 0.0.1-older -> *"),
+    ({"commit": {}}, "*flag stands, not confirmable: the baseline records no commit*"),
+])
+def test_a_flag_that_ab_cannot_clear_stands_and_says_why(ab_repo, monkeypatch, edit, message):
+    root = ab_repo.path
+    base = ["--perf-baselines-dir", str(root / "bl")]
+    assert ab_repo.runpytest_subprocess(*RUN, *base, "--perf-update-baselines").ret == 0
+    (path,) = (root / "bl").glob("*.json")
+    data = json.loads(path.read_text())
+    for entry in data["entries"].values():
+        for key, value in edit.items():
+            entry[key] = (dict(entry.get(key) or {}) | value) if key == "versions" else value
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv("FAKE_DURATION", "0.028")  # drift only: an A/B would clear it, were one possible
+    result = ab_repo.runpytest_subprocess(*RUN, *base, "--benchmark-json", "run.json")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([message])
+    gate = _bench_of(root / "run.json")["extra_info"]["gate"]
+    assert gate["verdict"] == "regressed" and gate["confirmation"]["outcome"] == "not confirmable"
+    assert _worktrees(root) == [f"worktree {root}"]
+
+
+def test_confirm_reports_flags_the_run_confirmed_inline_without_measuring_them_again():
+    from types import SimpleNamespace
+
+    from diffperf import ab_confirm
+
+    conf = {"outcome": "machine drift", "verdict": "unchanged", "ratio": 1.01, "ci": [0.99, 1.03], "pairs": 20}
+    run = SimpleNamespace(benchmarks={
+        "t::drift": {"extra_info": {"gate": {"verdict": "unchanged", "flag": "regressed", "baseline_commit": "c1",
+                                             "ratio": 1.3, "confirmation": conf}}},
+        "t::confirmed": {"extra_info": {"gate": {"verdict": "regressed", "baseline_commit": "c1", "ratio": 1.5,
+                                                 "confirmation": conf | {"outcome": "confirmed", "verdict": "regressed"}}}},
+        "t::off": {"extra_info": {"gate": {"verdict": "regressed", "baseline_commit": "c2", "ratio": 1.4}}},
+        "t::fine": {"extra_info": {"gate": {"verdict": "unchanged", "baseline_commit": "c1"}}},
+    })
+    flags = {f["test"]: f for f in ab_confirm.gate_flags(run)}
+    assert set(flags) == {"t::drift", "t::confirmed", "t::off"}
+    assert flags["t::drift"]["inline"]["outcome"] == "machine drift" and flags["t::off"]["inline"] is None
+    rows = {r["test"]: r["outcome"] for r in ab_confirm.conclude(list(flags.values()), {})}
+    assert rows == {"t::drift": "machine drift (in the run)", "t::confirmed": "confirmed (in the run)",
+                    "t::off": "not confirmed: A/B failed (no result)"}
+    text = ab_confirm.render(ab_confirm.conclude(list(flags.values()), {}), [])
+    assert "3 gate flag(s): 1 confirmed by A/B, 1 machine drift, 1 not confirmed" in text
+
+
+def test_stack_changes_name_each_package_whose_version_differs():
+    from diffperf.ab_confirm import stack_changes
+
+    now = {"torch": "2.13.0", "diffusers": "0.39.0", "pytest-benchmark": "5.3.1"}
+    assert stack_changes({"torch": "2.12.0", "diffusers": "0.39.0", "pytest-benchmark": "5.0"}, now) == [
+        "torch 2.12.0 -> 2.13.0"]
+    assert stack_changes(None, now) == [] and stack_changes({"jax": "0.9"}, now) == []
 
 
 def _bench_of(path: Path) -> dict:
