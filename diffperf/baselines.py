@@ -95,7 +95,9 @@ def history_item(entry: dict) -> dict:
     return {"median_s": entry["median_s"] if entry.get("median_s") else round_sig(_median(entry["samples_s"])),
             "rounds": entry["rounds"], "cv": entry.get("cv"), "reference_s": entry.get("reference_s"),
             "reference_id": entry.get("reference_id"), "commit": dict(entry.get("commit") or {}),
-            "recorded_at": entry.get("recorded_at"), "versions": dict(entry.get("versions") or {})}
+            "recorded_at": entry.get("recorded_at"), "versions": dict(entry.get("versions") or {}),
+            "peak_memory_bytes": entry.get("peak_memory_bytes"), "memory_kind": entry.get("memory_kind"),
+            "compile_cache": entry.get("compile_cache")}
 
 
 def make_entry(test_id: str, record: dict, versions: dict | None = None, commit: dict | None = None,
@@ -187,6 +189,20 @@ def migrate_entry(entry: Any) -> Any:
             except (TypeError, KeyError):
                 pass  # validate_entry names the problem
     return entry
+
+
+def history_memory(entry: dict, memory_kind: str | None, compile_cache: str | None) -> list[float]:
+    """The steady peak memory of the history's runs measured as ``memory_kind`` with the same compile-cache
+    state (a run that predates memory in the history, or another kind or state, is left out)."""
+    out = []
+    for item in entry.get("history") or []:
+        value = item.get("peak_memory_bytes")
+        if not isinstance(value, (int, float)) or value <= 0 or item.get("memory_kind") != memory_kind:
+            continue
+        if compile_cache and item.get("compile_cache") and item["compile_cache"] != compile_cache:
+            continue
+        out.append(float(value))
+    return out
 
 
 def history_medians(entry: dict) -> list[float]:

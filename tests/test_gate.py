@@ -462,3 +462,38 @@ def test_update_baselines_appends_runs_and_the_table_shows_the_between_run_colum
     before = path.read_text()
     result = fake_suite.runpytest_subprocess(*args, "--perf-update-baselines", "--perf-baseline-history", "0")
     assert result.ret != 0 and path.read_text() == before
+
+
+def test_cpu_memory_is_judged_against_the_range_of_the_history_not_one_run(tmp_path):
+    # Measured here over 30 unchanged runs: fp32-classic's RSS growth spread 34-51 MiB. Against the latest
+    # run alone (44.8 MiB) a 49.5 MiB run was a "regression"; against the history's range it is not.
+    mib = 1 << 20
+    store = BaselineStore.load(baseline_path(tmp_path, HW))
+    for i, mem in enumerate([46.3, 34.8, 50.6, 41.5, 44.8]):
+        store.append("t::a", record(lognormal(12, seed=100 + i), memory=int(mem * mib)), commit={"id": f"{i:040x}"},
+                     keep=10)
+    store.save()
+    gate = Gate(GateSettings(baselines_dir=tmp_path))
+    out = gate.check("t::a", HW, record(lognormal(12, seed=7), memory=int(49.5 * mib)))
+    assert out.info["memory_verdict"] == "unchanged" and out.info["memory_history_runs"] == 5
+    assert "the history's 5 runs 34.8 MiB-50.6 MiB" in out.message
+    out = gate.check("t::a", HW, record(lognormal(12, seed=7), memory=int(56 * mib)))
+    assert out.info["memory_verdict"] == "regressed" and out.failed and "peak memory regressed" in out.message
+    assert gate.check("t::a", HW, record(lognormal(12, seed=7), memory=int(31 * mib))).info["memory_verdict"] == "improved"
+    # Another memory kind or compile-cache state is not part of the range; under 3 runs, the latest run decides.
+    other = record(lognormal(12, seed=7), memory=int(49.5 * mib)) | {"memory_kind": "peak_rss_growth"}
+    assert gate.check("t::a", HW, other).info["memory_verdict"] == "not compared"
+    short = Gate(GateSettings(baselines_dir=tmp_path / "short"))
+    s2 = BaselineStore.load(baseline_path(tmp_path / "short", HW))
+    for i, mem in enumerate([46.3, 44.8]):
+        s2.append("t::a", record(lognormal(12, seed=100 + i), memory=int(mem * mib)), commit={"id": f"{i:040x}"})
+    s2.save()
+    out = short.check("t::a", HW, record(lognormal(12, seed=7), memory=int(49.5 * mib)))
+    assert out.info["memory_verdict"] == "regressed" and "memory_history_runs" not in out.info
+
+
+def test_the_committed_cpu_history_carries_memory():
+    path = REPO / "baselines" / "cpu-2c-amd-epyc.json"
+    for entry in BaselineStore.load(path).entries.values():
+        assert len(entry["history"]) >= 5
+        assert all(h.get("peak_memory_bytes") and h.get("memory_kind") for h in entry["history"])
