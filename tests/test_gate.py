@@ -296,7 +296,8 @@ def test_schema_1_file_still_loads_as_a_history_of_one(tmp_path):
     entry = BaselineStore.load(path).get("t::a")
     assert entry["schema"] == 2 and entry["history"] == [
         {"median_s": 1.0, "rounds": 3, "cv": old["cv"], "reference_s": None, "reference_id": None,
-         "commit": {"id": "abc"}, "recorded_at": old["recorded_at"], "versions": {}}]
+         "commit": {"id": "abc"}, "recorded_at": old["recorded_at"], "versions": {},
+         "peak_memory_bytes": 1_000_000, "memory_kind": "peak_rss", "compile_cache": None}]
     out = Gate(GateSettings(baselines_dir=tmp_path)).check("t::a", HW, record(lognormal(10)))
     assert "ignores between-run drift" in out.message and out.info["history_runs"] == 1
 
