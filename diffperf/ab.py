@@ -718,16 +718,15 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     runner = prepared.runner
     got = pair_up(ab, prepared, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
                   tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv)
-    res, seed, head_warm, base_warm = got.pairs, got.seed, got.head_warm, got.base_warm
-    head_peak, head_kind, base_built, base_stats = got.head_peak, got.head_memory_kind, got.base_built, got.base_stats
+    res, seed, base_built, base_stats = got.pairs, got.seed, got.base_built, got.base_stats
     if benchmark is not None:
         _record_rounds(benchmark, res.head)
     breakdowns = [runner.generate_instrumented()[1].as_dict() for _ in range(breakdown_rounds)]
-    rec = harness.record(prepared, res.head, head_peak, breakdowns, steady_memory_kind=head_kind)
+    rec = harness.record(prepared, res.head, got.head_peak, breakdowns, steady_memory_kind=got.head_memory_kind)
     head_side = {"versions": software_versions(), "python": _head_python(), "cold_start_s": prepared.cold_start_s,
                  "build_s": prepared.build_s, "compile_s": rec.get("compile_s"), "compile_kind": rec.get("compile_kind"),
                  "peak_memory_bytes": rec["peak_memory_bytes"], "memory_kind": rec.get("memory_kind"),
-                 "warmup_s": head_warm, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                 "warmup_s": got.head_warm, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     hello = ab.hello or {}
     base_compile, base_compile_kind = _compile_figure(base_stats, base_built.get("cold_start_s"), res.base)
     base_side = {"versions": hello.get("versions"), "python": hello.get("python"),
@@ -735,7 +734,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                  "compile_s": base_compile, "compile_kind": base_compile_kind,
                  "peak_memory_bytes": {"cold": base_built.get("cold_peak_bytes"),
                                        "steady": base_stats.get("steady_peak_bytes")},
-                 "memory_kind": base_stats.get("memory_kind"), "warmup_s": base_warm,
+                 "memory_kind": base_stats.get("memory_kind"), "warmup_s": got.base_warm,
                  "cuda_visible_devices": hello.get("cuda_visible_devices"), "device_env": hello.get("device_env"),
                  "diffperf_file": hello.get("diffperf_file"), "builder_file": base_built.get("builder_file")}
     cmp = res.comparison

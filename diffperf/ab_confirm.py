@@ -94,16 +94,16 @@ def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: s
                                                   f"{commit[:12]} (machine drift, not failing): ")
     else:
         conf["outcome"], line = "not confirmable", f"flag stands, not confirmable: {why}"
-        line += ": " if cmp is not None else ""
+        line += " (" if cmp is not None else ""
     if cmp is not None:
-        line += cmp.describe()
+        line += cmp.describe() + (")" if conf["outcome"] == "not confirmable" else "")
     info["confirmation"] = conf
     others = [name for name, key in (("peak memory", "memory_verdict"), ("compile time", "compile_verdict"))
               if info.get(key) == "regressed"]
     head, *rest = outcome.message.splitlines()
     if conf["outcome"] == "machine drift":
         info["flag"], info["verdict"] = info.get("verdict"), cmp.verdict
-        where = head.split(": ", 1)[0]
+        where = f"{test_id} on {info.get('hardware_id')}"
         head = (f"{where}: {' and '.join(others)} regressed" if others
                 else f"{where}: {cmp.verdict} (latency flag cleared by A/B)")
         return GateOutcome(bool(others), "\n".join([head, *rest, "  " + line]), info, cmp.verdict)
