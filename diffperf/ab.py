@@ -83,6 +83,9 @@ class PairedComparison:
     alpha: float
     process_cv: float = 0.0
     pairs_se: float = float("inf")  # bootstrap standard error of the median log-ratio, from the pairs alone
+    processes: int = 1  # process pairs behind the verdict (diffperf/ab_replicate.py combines more than one)
+    replicated: bool = False  # judged across process pairs (:func:`diffperf.ab_replicate.combine`)
+    block_ratios: tuple = ()  # each process pair's own ratio, when replicated
 
     @property
     def p_value(self) -> float:
@@ -94,12 +97,20 @@ class PairedComparison:
         more pairs would hardly narrow it (their own error is under half the between-process offset)."""
         if self.verdict in ("regressed", "improved"):
             return True
+        if self.replicated:
+            return self.verdict == "unchanged"
         if self.pairs < MIN_PAIRS:
             return False
         return (self.ci_low > 1 - self.tolerance and self.ci_high < 1 + self.tolerance) or (
             self.process_cv > 0 and self.pairs_se <= self.process_cv / 2)
 
     def describe(self) -> str:
+        if self.replicated:
+            blocks = ", ".join(f"{r:.3f}" for r in self.block_ratios)
+            return (f"A/B {self.verdict}: head/base ratio {self.ratio:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] "
+                    f"over {self.processes} process pair{'s' if self.processes != 1 else ''} ({blocks}; "
+                    f"{self.pairs} pairs), t-test p={self.p_value:.3g}, tolerance {self.tolerance:.0%}, smallest "
+                    f"detectable slowdown {self.min_detectable:.1%}")
         return (f"A/B {self.verdict}: head/base ratio {self.ratio:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] over "
                 f"{self.pairs} pairs (interval includes a {self.process_cv:.1%} between-process offset), Wilcoxon "
                 f"p={self.p_value:.3g}, tolerance {self.tolerance:.0%}, smallest detectable slowdown "
@@ -159,18 +170,24 @@ def paired_compare(head: Sequence[float], base: Sequence[float], tolerance: floa
     ratio = math.exp(float(np.median(d)))
     ci_low, ci_high = math.exp(low), math.exp(high)
     p_slow, p_fast = _wilcoxon_p(d, "greater"), _wilcoxon_p(d, "less")
-    half = tolerance / 2
-    if p_slow < alpha and ci_low > 1 and ci_high >= 1 + tolerance and ratio > 1 + half:
-        verdict = "regressed"
-    elif p_fast < alpha and ci_high < 1 and ci_low <= 1 - tolerance and ratio < 1 - half:
-        verdict = "improved"
-    elif d.size >= MIN_PAIRS and ((ci_low > 1 - tolerance and ci_high < 1 + tolerance)
-                                  or (abs(ratio - 1) <= half and mds <= tolerance)):
-        verdict = "unchanged"
-    else:
-        verdict = "inconclusive"
+    verdict = decide(ratio, ci_low, ci_high, p_slow, p_fast, mds, tolerance, alpha, d.size >= MIN_PAIRS)
     return PairedComparison(verdict, ratio, ci_low, ci_high, confidence, p_slow, p_fast, int(d.size), mds,
                             tolerance, alpha, process_cv, pairs_se)
+
+
+def decide(ratio: float, ci_low: float, ci_high: float, p_slow: float, p_fast: float, min_detectable: float,
+           tolerance: float, alpha: float, enough: bool) -> str:
+    """The verdict rule shared by one process pair (:func:`paired_compare`) and several
+    (:func:`diffperf.ab_replicate.combine`); ``enough``: enough data to call it "unchanged"."""
+    half = tolerance / 2
+    if p_slow < alpha and ci_low > 1 and ci_high >= 1 + tolerance and ratio > 1 + half:
+        return "regressed"
+    if p_fast < alpha and ci_high < 1 and ci_low <= 1 - tolerance and ratio < 1 - half:
+        return "improved"
+    if enough and ((ci_low > 1 - tolerance and ci_high < 1 + tolerance)
+                   or (abs(ratio - 1) <= half and min_detectable <= tolerance)):
+        return "unchanged"
+    return "inconclusive"
 
 
 def pair_orders(rng: np.random.Generator, n: int) -> list[str]:
@@ -252,8 +269,10 @@ def check_python(python: str) -> str:
 class BaseWorker:
     """A running :mod:`diffperf.ab_worker` process: JSON-line requests with a timeout each."""
 
-    def __init__(self, python: str, tree: Path, scratch: Path, timeout_s: float, env: dict | None = None):
-        self.python, self.tree, self.timeout_s = python, Path(tree), float(timeout_s)
+    def __init__(self, python: str, tree: Path, scratch: Path, timeout_s: float, env: dict | None = None,
+                 side: str = "base"):
+        self.python, self.tree, self.timeout_s, self.side = python, Path(tree), float(timeout_s), side
+        Path(scratch).mkdir(parents=True, exist_ok=True)
         script = Path(scratch) / "diffperf_ab_worker.py"
         shutil.copyfile(WORKER_SOURCE, script)
         self.log_path = Path(scratch) / "worker.log"
@@ -299,7 +318,7 @@ class BaseWorker:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
             self.kill()
-            raise AbWorkerTimeout(f"A/B base worker ({self.python}, {self.tree}) did not answer {cmd!r} within "
+            raise AbWorkerTimeout(f"A/B {self.side} worker ({self.python}, {self.tree}) did not answer {cmd!r} within "
                                   f"{timeout:.0f} s (--perf-ab-timeout); killed it. Its last output:\n"
                                   f"{self.log_tail()}") from None
         if line is None:
@@ -309,14 +328,14 @@ class BaseWorker:
         try:
             answer = json.loads(line)
         except json.JSONDecodeError:
-            raise AbWorkerError(f"A/B base worker sent a line that is not JSON in answer to {cmd!r}: {line[:200]!r}") from None
+            raise AbWorkerError(f"A/B {self.side} worker sent a line that is not JSON in answer to {cmd!r}: {line[:200]!r}") from None
         if not answer.get("ok"):
-            raise AbWorkerError(f"A/B base worker failed {cmd!r}: {answer.get('error')}\n{self.log_tail()}")
+            raise AbWorkerError(f"A/B {self.side} worker failed {cmd!r}: {answer.get('error')}\n{self.log_tail()}")
         return answer
 
     def _died(self, cmd: str) -> AbWorkerError:
         code = self.proc.poll()
-        return AbWorkerError(f"A/B base worker ({self.python}, {self.tree}) crashed (exit status {code}) during "
+        return AbWorkerError(f"A/B {self.side} worker ({self.python}, {self.tree}) crashed (exit status {code}) during "
                              f"{cmd!r}. Its last output:\n{self.log_tail()}")
 
     def kill(self) -> None:
@@ -349,6 +368,16 @@ class BaseWorker:
                 pass
 
 
+def _check_imports(hello: dict, tree: Path, side: str = "base") -> None:
+    """A worker must run its own tree's diffperf and pipelines (the base worker: not the head's editable install)."""
+    tree = Path(tree).resolve()
+    files = [hello["diffperf_file"], *(hello.get("pipelines_path") or [])[:1]]
+    wrong = [f for f in files if not f or not Path(f).resolve().is_relative_to(tree)]
+    if wrong:
+        raise AbError(f"A/B {side} worker imported {', '.join(map(str, wrong))} instead of the {side} tree {tree}: "
+                      f"something on that interpreter's path (a .pth file, sitecustomize) puts another diffperf first")
+
+
 # --------------------------------------------------------------------------------------------------
 # The session's A/B side: worktree + worker, created on first use, removed on exit
 # --------------------------------------------------------------------------------------------------
@@ -365,14 +394,15 @@ class AbSettings:
     repo: Path | None = None
     suite_dir: str = ""  # the rootdir relative to the git top level
     malloc: str = "steady"  # --perf-malloc, applied in the worker too
+    processes: int = 1  # --perf-ab-processes: the most process pairs a case is measured in
 
 
 def configure(rootdir: Path, base_rev: str | None, python: str | None, timeout_s: float, seed: int,
-              malloc: str = "steady") -> AbSettings | None:
+              malloc: str = "steady", processes: int = 1) -> AbSettings | None:
     """Validate the A/B options up front (:class:`AbError` naming the bad one); ``None`` without A/B."""
     if base_rev is None and python is None:
         return None
-    s = AbSettings(Path(rootdir).resolve(), base_rev, python, timeout_s, seed, malloc=malloc)
+    s = AbSettings(Path(rootdir).resolve(), base_rev, python, timeout_s, seed, malloc=malloc, processes=processes)
     if python is not None:
         s.python = check_python(python)
     if base_rev is not None:
@@ -392,6 +422,9 @@ class AbSession:
         self.scratch: Path | None = None
         self.worktree: Path | None = None
         self.fatal: str | None = None
+        self.base_tree: Path | None = None
+        self.base_python: str | None = None
+        self.replicas: list = []  # workers of the further process pairs now running (closed on every exit path)
         self._closed = False
         self._old_sigterm = None
         self.head_commit = head_commit(settings.rootdir)
@@ -434,30 +467,33 @@ class AbSession:
                     raise AbError(f"--perf-ab-base {s.base_rev!r}: git worktree add failed: {out.stderr.strip()}")
                 self.worktree = worktree
             tree = self.worktree / s.suite_dir if s.suite_dir else self.worktree
-        python = s.python or _head_python()
-        self.worker = BaseWorker(python, tree, self.scratch, s.timeout_s,
-                                 env=dict(os.environ, DIFFPERF_AB_MALLOC=s.malloc))
-        try:
-            self.hello = self.worker.request("hello", timeout_s=max(s.timeout_s, 120.0))
-        except AbWorkerError as exc:
-            raise AbError(f"A/B base side ({python}, tree {tree}) does not start: {exc}") from None
-        self._check_imports(tree)
+        self.base_tree, self.base_python = tree, s.python or _head_python()
+        self.worker, self.hello = self.spawn("base", self.scratch)
         return self.worker
+
+    def spawn(self, side: str, scratch: Path) -> tuple[BaseWorker, dict]:
+        """A started, import-checked worker of one side: ``"base"`` runs the base tree (by ``--perf-ab-python``
+        when given), ``"head"`` this tree by this interpreter. Returns the worker and its ``hello`` answer."""
+        s = self.settings
+        python, tree = (self.base_python, self.base_tree) if side == "base" else (_head_python(), s.rootdir)
+        worker = BaseWorker(python, tree, scratch, s.timeout_s, env=dict(os.environ, DIFFPERF_AB_MALLOC=s.malloc),
+                            side=side)
+        try:
+            hello = worker.request("hello", timeout_s=max(s.timeout_s, 120.0))
+            _check_imports(hello, tree, side)
+        except AbWorkerError as exc:
+            worker.close()
+            raise AbError(f"A/B {side} side ({python}, tree {tree}) does not start: {exc}") from None
+        except AbError:
+            worker.close()
+            raise
+        return worker, hello
 
     def discard_worker(self) -> None:
         """Kill the worker (after a crash or a hang) so the next case starts a fresh one."""
         worker, self.worker = self.worker, None
         if worker is not None:
             worker.close()
-
-    def _check_imports(self, tree: Path) -> None:
-        """The worker must run the base tree's diffperf and pipelines, not the head's (editable) install."""
-        tree = tree.resolve()
-        files = [self.hello["diffperf_file"], *(self.hello.get("pipelines_path") or [])[:1]]
-        wrong = [f for f in files if not f or not Path(f).resolve().is_relative_to(tree)]
-        if wrong:
-            raise AbError(f"A/B base worker imported {', '.join(map(str, wrong))} instead of the base tree {tree}: "
-                          f"something on that interpreter's path (a .pth file, sitecustomize) puts another diffperf first")
 
     def _install_cleanup(self) -> None:
         atexit.register(self.close)
@@ -476,6 +512,12 @@ class AbSession:
             self.discard_worker()
         except Exception:  # pragma: no cover - best effort on the way out
             pass
+        for worker in list(self.replicas):
+            try:
+                worker.close()
+            except Exception:  # pragma: no cover
+                pass
+        self.replicas.clear()
         if self.worktree is not None and self.settings.repo is not None:
             _git(self.settings.repo, "worktree", "remove", "--force", str(self.worktree), check=False)
         if self.scratch is not None:
@@ -659,12 +701,17 @@ class Paired:
     head_memory_kind: str | None
     base_built: dict
     base_stats: dict
+    comparison: PairedComparison  # the verdict: the first pair's own, or across process pairs (ab_replicate)
+    blocks: list = dataclasses.field(default_factory=list)  # ab_replicate.Block per process pair, when replicated
+    replication_stopped: str | None = None
 
 
 def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
             tolerance: float, alpha: float, inject_slowdown: float = 0.0, process_cv: float = PROCESS_CV) -> Paired:
     """Build ``prepared``'s case in the base worker, warm both sides and take the pairs; the base pipeline is
-    released afterwards. Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`."""
+    released afterwards. With ``--perf-ab-processes`` above 1, further process pairs follow
+    (:func:`diffperf.ab_replicate.replicate`) and the verdict is theirs together.
+    Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`."""
     from diffperf import harness
     from diffperf.timing import timed_call
 
@@ -700,7 +747,15 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
                 worker.request("release")
             except AbWorkerError:
                 pass
-    return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats)
+    if ab.settings.processes <= 1:
+        return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, res.comparison)
+    from diffperf import ab_replicate
+
+    first = ab_replicate.Block(1, res, seed, os.getpid(), worker.proc.pid, None, base_built.get("builder_file"))
+    blocks, cmp, stopped = ab_replicate.replicate(
+        ab, prepared, first, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
+        tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv)
+    return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, cmp, blocks, stopped)
 
 
 def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
@@ -737,15 +792,17 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                  "memory_kind": base_stats.get("memory_kind"), "warmup_s": got.base_warm,
                  "cuda_visible_devices": hello.get("cuda_visible_devices"), "device_env": hello.get("device_env"),
                  "diffperf_file": hello.get("diffperf_file"), "builder_file": base_built.get("builder_file")}
-    cmp = res.comparison
+    cmp = got.comparison
     outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance)
     rec["ab"] = {
         "verdict": cmp.verdict, "ratio": cmp.ratio, "ci": [cmp.ci_low, cmp.ci_high], "confidence": cmp.confidence,
         "p": cmp.p_value, "p_slower": cmp.p_slower, "p_faster": cmp.p_faster, "pairs": cmp.pairs,
         "order": res.order, "order_seed": seed, "min_detectable_slowdown": cmp.min_detectable,
         "decided": cmp.decided, "tolerance": tolerance, "alpha": alpha, "process_cv": process_cv,
-        "pairs_seconds": res.seconds,
+        "pairs_seconds": sum(b.pairs.seconds for b in got.blocks) if got.blocks else res.seconds,
         "head_samples_s": res.head, "base_samples_s": res.base,
+        "processes": cmp.processes, "blocks": [b.as_dict() for b in got.blocks],
+        "replication_stopped": got.replication_stopped,
         "head_commit": ab.head_commit, "base_commit": ab.base_commit,
         "head": head_side, "base": base_side, **outcome.info, "message": outcome.message,
     }

@@ -41,7 +41,7 @@ def stack_changes(baseline_versions: dict | None, versions: dict) -> list[str]:
 
 def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: str, tolerance: float, alpha: float,
                  rounds: int, warmup_rounds: int, max_time_s: float, inject_slowdown: float, process_cv: float,
-                 timeout_s: float, seed: int, malloc: str):
+                 timeout_s: float, seed: int, malloc: str, processes: int = 1):
     """Re-measure a latency flag of the gate (``outcome``) as A/B against the baseline's commit.
 
     ``sessions`` caches one :class:`diffperf.ab.AbSession` per baseline commit (the caller closes them).
@@ -69,7 +69,7 @@ def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: s
         try:
             session = sessions.get(commit)
             if session is None:
-                settings = ab.configure(rootdir, commit, None, timeout_s, seed, malloc)
+                settings = ab.configure(rootdir, commit, None, timeout_s, seed, malloc, processes)
                 session = sessions[commit] = ab.AbSession(settings)
             got = ab.pair_up(session, prepared, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds,
                              max_time_s=max_time_s, tolerance=tolerance, alpha=alpha,
@@ -79,8 +79,9 @@ def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: s
                 sessions[commit].discard_worker()
             why = f"the A/B failed: {exc}"
         else:
-            cmp = got.pairs.comparison
+            cmp = got.comparison
             conf.update(verdict=cmp.verdict, ratio=cmp.ratio, ci=[cmp.ci_low, cmp.ci_high], p=cmp.p_value,
+                        processes=cmp.processes, blocks=[b.as_dict() for b in got.blocks],
                         pairs=cmp.pairs, order=got.pairs.order, order_seed=got.seed, process_cv=process_cv,
                         min_detectable_slowdown=cmp.min_detectable, pairs_seconds=got.pairs.seconds,
                         head_samples_s=got.pairs.head, base_samples_s=got.pairs.base,

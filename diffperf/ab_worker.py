@@ -11,7 +11,8 @@ has ``ok``; a failed request answers ``{"ok": false, "error": ..., "kind": ...}`
 serving. Requests:
 
 * ``hello`` -> python, versions, the files ``diffperf`` and ``pipelines`` were imported from;
-* ``build`` (``case``: the head's ``Case.as_dict()``) -> build and cold-start figures, builder file;
+* ``build`` (``case``: the head's ``Case.as_dict()``; ``slowdown``: a head worker's injected slowdown) -> build
+  and cold-start figures, builder file;
 * ``warm`` (``rounds``) -> seconds of each warmup round; ``reset_memory``;
 * ``round`` -> ``seconds`` of one synchronized call;
 * ``stats`` -> steady peak memory, memory kind, compile info;
@@ -76,6 +77,8 @@ class Worker:
         self.prepared = harness.prepare(case)
         runner = self.prepared.runner
         self.call = runner.generate
+        if req.get("slowdown"):  # --perf-inject-slowdown, sent to head workers only (the head tree has slowed())
+            self.call = harness.slowed(runner.generate, float(req["slowdown"]), runner.synchronize)
         return {"case_id": case.id, "build_s": self.prepared.build_s, "cold_start_s": self.prepared.cold_start_s,
                 "cold_peak_bytes": self.prepared.cold_peak_bytes, "builder_file": getattr(module, "__file__", None),
                 "memory_kind": getattr(runner.memory, "kind", None)}

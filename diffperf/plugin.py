@@ -28,6 +28,7 @@ from diffperf.stats import MIN_HISTORY
 from diffperf.table import results_table
 
 CONFIRM_MODES = ("ab", "off")  # --perf-confirm
+AB_PROCESSES = 12  # --perf-ab-processes (diffperf.ab_replicate.DEFAULT_PROCESSES; not imported: scipy at startup)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,6 +240,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="A/B: standard deviation of the fixed speed offset between two processes of the same tree, added to "
              "the pairs' interval (no number of pairs averages it away; measure yours with "
              "benchmarks/ab_calibration.py, 0 trusts the pairs alone). Default: 0.01.")
+    add("--perf-ab-processes", type=_positive_int("A/B process pairs"), default=AB_PROCESSES, metavar="N",
+        help="A/B: the most process pairs a case is measured in. The first is this process and the base worker; "
+             "each further pair is a fresh head process and a fresh base process, added while the verdict across "
+             f"the pairs is inconclusive (at least 2), because one pair's fixed speed offset looks like a change "
+             "(diffperf/ab_replicate.py). 1: one pair, judged with --perf-ab-process-cv alone. "
+             f"Default: {AB_PROCESSES}.")
     add("--perf-select", default=None, metavar="FILE",
         help="run only the node ids listed in FILE, one a line (used by python -m diffperf launch). Default: all.")
     add("--perf-dist-group", type=_choice("dist group", DIST_GROUPS), default="framework", metavar="UNIT",

@@ -127,7 +127,8 @@ class PerfSession:
             tolerance=tolerance, alpha=opt("perf_alpha"), rounds=opt("perf_rounds"),
             warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
             inject_slowdown=opt("perf_inject_slowdown"), process_cv=opt("perf_ab_process_cv"),
-            timeout_s=opt("perf_ab_timeout"), seed=opt("perf_seed"), malloc=opt("perf_malloc"))
+            timeout_s=opt("perf_ab_timeout"), seed=opt("perf_seed"), malloc=opt("perf_malloc"),
+            processes=opt("perf_ab_processes"))
 
     def close_ab(self) -> None:
         """Stop every A/B base worker and remove its worktree (--perf-ab-base and the inline confirmations)."""
@@ -196,7 +197,8 @@ def make_ab(config: pytest.Config):
 
     try:
         settings = ab.configure(Path(config.rootpath), opt("perf_ab_base"), opt("perf_ab_python"),
-                                opt("perf_ab_timeout"), opt("perf_seed"), opt("perf_malloc"))
+                                opt("perf_ab_timeout"), opt("perf_seed"), opt("perf_malloc"),
+                                opt("perf_ab_processes"))
     except ab.AbError as exc:
         raise pytest.UsageError(str(exc)) from None
     return ab.AbSession(settings)

@@ -260,7 +260,17 @@ def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
     a = rec["ab"]
     assert a["verdict"] == "improved" and 0.4 < a["ratio"] < 0.6
     assert a["ci"][0] <= a["ratio"] <= a["ci"][1] and a["p"] < 0.01
-    assert a["pairs"] == len(a["order"]) == len(a["base_samples_s"]) == len(a["head_samples_s"]) >= 12
+    # Two process pairs (the least that decides): this process + the base worker, then a fresh head worker +
+    # a fresh base worker, each importing its own tree. The top-level samples are the first pair's.
+    assert a["processes"] == len(a["blocks"]) == 2 and a["replication_stopped"] is None
+    first, second = a["blocks"]
+    assert first["order"] == a["order"] and first["head_samples_s"] == a["head_samples_s"]
+    assert a["pairs"] == sum(b["pairs"] for b in a["blocks"]) == len(a["order"]) + len(second["order"])
+    assert len(a["order"]) == len(a["base_samples_s"]) == len(a["head_samples_s"]) >= 12
+    assert first["head_pid"] != second["head_pid"] and first["base_pid"] != second["base_pid"]
+    assert Path(second["head_builder_file"]).resolve() == (ab_repo.path / "pipelines" / "torch_diffusers.py").resolve()
+    assert "/base/" in second["base_builder_file"] and "diffperf-ab-" in second["base_builder_file"]
+    assert all(0.4 < b["ratio"] < 0.6 for b in a["blocks"])
     assert set(a["order"]) == {"HB", "BH"}
     assert a["head_samples_s"] == rec["samples_s"] == next(b for b in benches if "sdpa" in b["name"])["stats"]["data"]
     assert a["base_commit"]["id"] == _git(ab_repo.path, "rev-parse", "HEAD~1").strip()
@@ -510,7 +520,8 @@ def test_a_latency_flag_is_confirmed_inline_by_ab_against_the_baseline_commit(ab
     conf = gate["confirmation"]
     assert conf["outcome"] == outcome and conf["base_commit"] == baseline_commit and conf["pairs"] >= 12
     assert gate["verdict"] == verdict and gate.get("flag", "regressed") == "regressed"
-    assert len(conf["head_samples_s"]) == len(conf["base_samples_s"]) == conf["pairs"]
+    assert len(conf["head_samples_s"]) == len(conf["base_samples_s"]) == conf["blocks"][0]["pairs"]
+    assert conf["processes"] == len(conf["blocks"]) >= 2 and conf["pairs"] == sum(b["pairs"] for b in conf["blocks"])
     if change == "machine":
         assert f"not confirmed by interleaved A/B against baseline commit {baseline_commit[:12]} (machine drift, not " \
                "failing)" in _bench_of(root / "run.json")["extra_info"]["gate_message"]
@@ -519,6 +530,7 @@ def test_a_latency_flag_is_confirmed_inline_by_ab_against_the_baseline_commit(ab
     else:
         result.stdout.fnmatch_lines([f"*confirmed by interleaved A/B against baseline commit {baseline_commit[:12]}*"])
         assert conf["ratio"] > 1.25
+        assert all(b["ratio"] > 1.25 for b in conf["blocks"])  # the injected slowdown reaches the head workers too
     assert _worktrees(root) == [f"worktree {root}"]
 
 

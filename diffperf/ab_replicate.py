@@ -1,0 +1,173 @@
+"""A/B across process pairs: each further pair a fresh head process and a fresh base process, judged together.
+
+``--perf-ab-processes N`` (default :data:`DEFAULT_PROCESSES`) measures a case in up to ``N`` process pairs.
+The first pair is the test process and the long-lived base worker (:func:`diffperf.ab.pair_up`); each
+further pair is a new head worker (this tree, this interpreter) and a new base worker (the base tree, by
+``--perf-ab-python`` when given), each building the case, warmed, measured in interleaved pairs exactly as
+the first, then closed. Pairs are added while the verdict across them is inconclusive, from
+:data:`MIN_PROCESSES` on, until ``N``.
+
+Note: two processes built from one tree run at speeds of their own, fixed for the process' life (measured
+on the 2-core CI VM with ``benchmarks/ab_calibration.py``: one pair of fp32 classic-attention processes
+differs by up to 5 %, with a standard deviation of 2.7 %; fp32 SDPA by 0.5 %). Interleaved pairs cancel
+the machine's drift but not that offset, so one process pair cannot tell a 5 % regression from it at any
+number of rounds. Each process pair's median log-ratio is one observation of "change + offset"; their
+mean is tested with a moderated t (Smyth 2004, the ``limma`` estimator): the between-pair variance is
+pooled with a prior of :data:`PRIOR_DF` degrees of freedom at ``--perf-ab-process-cv`` plus the pairs' own
+error, so two pairs that happen to agree are not trusted as if the offset were known to be zero, and a case
+whose processes disagree gets a wide interval and more pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from diffperf import ab
+
+DEFAULT_PROCESSES = 12  # at most; a case stops adding pairs once the verdict across them is decided
+MIN_PROCESSES = 2  # fewer process pairs never decide: one pair's offset is indistinguishable from a change
+PRIOR_DF = 4  # weight of the --perf-ab-process-cv prior on the between-pair variance, in pairs' worth
+
+
+@dataclasses.dataclass
+class Block:
+    """One process pair's measurement of a case."""
+
+    index: int  # 1: the test process and the base worker; 2...: fresh worker pairs
+    pairs: ab.PairsResult
+    seed: int
+    head_pid: int | None
+    base_pid: int | None
+    head_builder_file: str | None = None
+    base_builder_file: str | None = None
+
+    def as_dict(self) -> dict:
+        cmp = self.pairs.comparison
+        return {"index": self.index, "ratio": cmp.ratio, "ci": [cmp.ci_low, cmp.ci_high], "pairs": cmp.pairs,
+                "pairs_se": cmp.pairs_se, "verdict": cmp.verdict, "order": self.pairs.order, "order_seed": self.seed,
+                "head_samples_s": self.pairs.head, "base_samples_s": self.pairs.base,
+                "seconds": self.pairs.seconds, "head_pid": self.head_pid, "base_pid": self.base_pid,
+                "head_builder_file": self.head_builder_file, "base_builder_file": self.base_builder_file}
+
+
+def combine(blocks: Sequence[ab.PairedComparison], *, tolerance: float, alpha: float, process_cv: float,
+            power: float = 0.8) -> ab.PairedComparison:
+    """The verdict across process pairs, from each pair's median log-ratio (moderated t, see the module note).
+
+    Effect: the mean of the pairs' log-ratios, as a ratio. Variance: ``(PRIOR_DF * s0^2 + SS) / df`` with
+    ``s0^2 = process_cv^2 + mean(pairs_se^2)``, ``SS`` the pairs' sum of squares about their mean and
+    ``df = PRIOR_DF + k - 1``; interval and one-sided p from Student's t on ``df``. The verdict rule is
+    :func:`diffperf.ab.decide`'s, "unchanged" from :data:`MIN_PROCESSES` pairs on.
+    """
+    from scipy.stats import t
+
+    if not blocks:
+        raise ValueError("no process pairs to combine")
+    m = np.log([b.ratio for b in blocks])
+    k = m.size
+    within = [b.pairs_se ** 2 for b in blocks if math.isfinite(b.pairs_se)]
+    s0_sq = process_cv ** 2 + (float(np.mean(within)) if within else 0.0)
+    mu = float(np.mean(m))
+    ss = float(np.sum((m - mu) ** 2))
+    df = PRIOR_DF + k - 1
+    se = max(math.sqrt((PRIOR_DF * s0_sq + ss) / df / k), 1e-12)
+    confidence = 1 - alpha if alpha < 0.5 else 0.95
+    half = float(t.ppf(1 - (1 - confidence) / 2, df)) * se
+    p_slow, p_fast = float(t.sf(mu / se, df)), float(t.cdf(mu / se, df))
+    mds = math.expm1((float(t.ppf(1 - alpha, df)) + float(t.ppf(power, df))) * se)
+    pairs = sum(b.pairs for b in blocks)
+    ratio, lo, hi = math.exp(mu), math.exp(mu - half), math.exp(mu + half)
+    enough = k >= MIN_PROCESSES and pairs >= ab.MIN_PAIRS
+    verdict = ab.decide(ratio, lo, hi, p_slow, p_fast, mds, tolerance, alpha, enough)
+    if k < MIN_PROCESSES and verdict != "inconclusive":
+        verdict = "inconclusive"
+    return ab.PairedComparison(verdict, ratio, lo, hi, confidence, p_slow, p_fast, pairs, mds, tolerance, alpha,
+                               process_cv, se, processes=k, replicated=True,
+                               block_ratios=tuple(float(b.ratio) for b in blocks))
+
+
+def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, rounds: int, warmup_rounds: int,
+                  max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float,
+                  process_cv: float) -> Block:
+    """Process pair ``index`` (>= 2): a fresh head worker and a fresh base worker build ``case``, are warmed and
+    measured in interleaved pairs, then closed. Raises :class:`diffperf.ab.AbError` (or ``AbDoesNotFit``)."""
+    import functools
+
+    scratch = session.scratch / f"pair{index}"
+    workers = []
+    try:
+        head, _ = session.spawn("head", scratch / "head")
+        workers.append(head)
+        session.replicas.append(head)
+        base, _ = session.spawn("base", scratch / "base")
+        workers.append(base)
+        session.replicas.append(base)
+        built = {}
+        for name, worker, extra in (("head", head, {"slowdown": inject_slowdown} if inject_slowdown else {}),
+                                    ("base", base, {})):
+            with ab._progress(f"A/B {case.id}: build in the {name} worker of process pair {index}"):
+                built[name] = _build(session, worker, case, extra)
+
+        def head_round() -> float:
+            return float(head.request("round")["seconds"])
+
+        def base_round() -> float:
+            return float(base.request("round")["seconds"])
+
+        seed = ab.order_seed(session.settings.seed, f"{test_id}#pair{index}")
+        with ab._progress(f"{case.id}: A/B pairs in process pair {index}"):
+            res = ab.run_pairs(head_round, base_round, min_pairs=rounds, warmup_rounds=warmup_rounds,
+                               max_time_s=max_time_s, tolerance=tolerance, alpha=alpha, seed=seed,
+                               compare=functools.partial(ab.paired_compare, process_cv=process_cv))
+        return Block(index, res, seed, head.proc.pid, base.proc.pid, built["head"].get("builder_file"),
+                     built["base"].get("builder_file"))
+    finally:
+        for worker in workers:
+            worker.close()
+            if worker in session.replicas:
+                session.replicas.remove(worker)
+
+
+def _build(session: ab.AbSession, worker: ab.BaseWorker, case, extra: dict) -> dict:
+    try:
+        return worker.request("build", timeout_s=max(session.settings.timeout_s, ab.BUILD_TIMEOUT_FLOOR_S),
+                              case=case.as_dict(), **extra)
+    except ab.AbWorkerError as exc:
+        text = str(exc)
+        if "ModuleNotFoundError" in text or "ImportError" in text:
+            raise ab.AbError(f"the A/B {worker.side} side ({worker.python}) lacks the {case.framework} stack for "
+                             f"{case.id}: {text.splitlines()[0]}") from None
+        if "out of memory" in text.lower() or "OutOfMemory" in text or "RESOURCE_EXHAUSTED" in text:
+            raise ab.AbDoesNotFit(f"process pair of {case.id} does not fit on the device next to the test "
+                                  f"process' pipeline: {text.splitlines()[0]}") from None
+        raise
+
+
+def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, rounds: int, warmup_rounds: int,
+              max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float, process_cv: float,
+              ) -> tuple[list[Block], ab.PairedComparison, str | None]:
+    """Add process pairs to ``first`` while the verdict across them is undecided, up to ``--perf-ab-processes``.
+
+    Returns the blocks, the combined comparison and why replication stopped early (``None`` when it did not):
+    a further pair that does not fit on the device beside the test process' pipeline ends it, and the
+    verdict rests on the pairs that ran (inconclusive when fewer than :data:`MIN_PROCESSES`).
+    """
+    blocks = [first]
+    most = session.settings.processes
+    cmp = combine([first.pairs.comparison], tolerance=tolerance, alpha=alpha, process_cv=process_cv)
+    stopped = None
+    while len(blocks) < most and (len(blocks) < MIN_PROCESSES or not cmp.decided):
+        try:
+            ab.check_fits(prepared.case, 2 * prepared.cold_peak_bytes if prepared.cold_peak_bytes else None)
+            blocks.append(measure_block(session, prepared.case, len(blocks) + 1, test_id=test_id, rounds=rounds,
+                                        warmup_rounds=warmup_rounds, max_time_s=max_time_s, tolerance=tolerance,
+                                        alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv))
+        except ab.AbDoesNotFit as exc:
+            stopped = f"stopped after {len(blocks)} process pair(s): {exc}"
+            break
+        cmp = combine([b.pairs.comparison for b in blocks], tolerance=tolerance, alpha=alpha, process_cv=process_cv)
+    return blocks, cmp, stopped
