@@ -106,6 +106,8 @@ def verdicts(data: dict) -> dict[str, dict]:
         out[rec.get("case", {}).get("id", bench["name"])] = {
             "ab": ab.get("verdict"), "ab_ratio": ab.get("ratio"), "ab_ci": ab.get("ci"), "pairs": ab.get("pairs"),
             "ab_min_detectable": ab.get("min_detectable_slowdown"), "ab_error": ab.get("error"),
+            "processes": ab.get("processes"), "block_ratios": [b.get("ratio") for b in ab.get("blocks") or []],
+            "pairs_seconds": ab.get("pairs_seconds"),
             "gate": gate.get("verdict"), "gate_ratio": gate.get("ratio"),
         }
     return out
@@ -165,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 report["runs"].append({"condition": cond, "index": i, "wall_s": wall, "exit_status": rc, "cases": got,
                                        "loadavg": os.getloadavg()[0]})
                 atomic_write_text(out, json.dumps(report, indent=1))
-                print(f"run {i + 1}/{a.runs} {cond}: " + ", ".join(f"{k}: A/B {v['ab']} {v['ab_ratio'] or 0:.3f}, "
-                      f"gate {v['gate']}" for k, v in got.items()) + f" ({wall:.0f} s)", file=sys.stderr, flush=True)
+                print(f"run {i + 1}/{a.runs} {cond}: " + ", ".join(f"{k}: A/B {v['ab']} {v['ab_ratio'] or 0:.3f} "
+                      f"({v['processes'] or 1} process pairs), gate {v['gate']}" for k, v in got.items())
+                      + f" ({wall:.0f} s)", file=sys.stderr, flush=True)
         if a.wall_time:
             _d, plain_s, _ = run_pytest(repo, commit_a, ["--perf-no-fidelity", "-k", "latency"], tmp / "wall-plain.json")
             _d, ab_s, _ = run_pytest(repo, commit_a, ["--perf-no-fidelity", "-k", "latency", "--perf-ab-base", commit_a],
