@@ -4,8 +4,8 @@
 The first pair is the test process and the long-lived base worker (:func:`diffperf.ab.pair_up`); each
 further pair is a new head worker (this tree, this interpreter) and a new base worker (the base tree, by
 ``--perf-ab-python`` when given), each building the case, warmed, measured in interleaved pairs exactly as
-the first, then closed. Pairs are added while the verdict across them is inconclusive, from
-:data:`MIN_PROCESSES` on, until ``N``.
+the first, then closed. Pairs are added until the verdict across them is decided ("unchanged" from
+:data:`MIN_PROCESSES` pairs, "regressed" or "improved" from :data:`MIN_PROCESSES_CHANGE`), or ``N`` ran.
 
 Note: two processes built from one tree run at speeds of their own, fixed for the process' life (measured
 on the 2-core CI VM with ``benchmarks/ab_calibration.py``: one pair of fp32 classic-attention processes
@@ -30,6 +30,7 @@ from diffperf import ab
 
 DEFAULT_PROCESSES = 12  # at most; a case stops adding pairs once the verdict across them is decided
 MIN_PROCESSES = 2  # fewer process pairs never decide: one pair's offset is indistinguishable from a change
+MIN_PROCESSES_CHANGE = 3  # "regressed" / "improved" need one more: two pairs may share one slow process' offset
 PRIOR_DF = 4  # weight of the --perf-ab-process-cv prior on the between-pair variance, in pairs' worth
 
 
@@ -61,7 +62,9 @@ def combine(blocks: Sequence[ab.PairedComparison], *, tolerance: float, alpha: f
     Effect: the mean of the pairs' log-ratios, as a ratio. Variance: ``(PRIOR_DF * s0^2 + SS) / df`` with
     ``s0^2 = process_cv^2 + mean(pairs_se^2)``, ``SS`` the pairs' sum of squares about their mean and
     ``df = PRIOR_DF + k - 1``; interval and one-sided p from Student's t on ``df``. The verdict rule is
-    :func:`diffperf.ab.decide`'s, "unchanged" from :data:`MIN_PROCESSES` pairs on.
+    :func:`diffperf.ab.decide`'s, "unchanged" from :data:`MIN_PROCESSES` pairs on, "regressed" and "improved"
+    from :data:`MIN_PROCESSES_CHANGE` on: a verdict that fails the test (or claims a gain) is made on three
+    pairs of processes, so two that happen to share a slow head process and a fast base cannot make it.
     """
     from scipy.stats import t
 
@@ -83,7 +86,7 @@ def combine(blocks: Sequence[ab.PairedComparison], *, tolerance: float, alpha: f
     ratio, lo, hi = math.exp(mu), math.exp(mu - half), math.exp(mu + half)
     enough = k >= MIN_PROCESSES and pairs >= ab.MIN_PAIRS
     verdict = ab.decide(ratio, lo, hi, p_slow, p_fast, mds, tolerance, alpha, enough)
-    if k < MIN_PROCESSES and verdict != "inconclusive":
+    if k < MIN_PROCESSES or (k < MIN_PROCESSES_CHANGE and verdict in ("regressed", "improved")):
         verdict = "inconclusive"
     return ab.PairedComparison(verdict, ratio, lo, hi, confidence, p_slow, p_fast, pairs, mds, tolerance, alpha,
                                process_cv, se, processes=k, replicated=True,
