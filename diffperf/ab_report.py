@@ -39,8 +39,13 @@ def _cells(test: str, ab: dict) -> list[str]:
     ratio = f"{ab['ratio']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
     mds = ab.get("min_detectable_slowdown")
     return [test, stats.fmt_seconds(_median(ab.get("base_samples_s"))), stats.fmt_seconds(_median(ab.get("head_samples_s"))),
-            ratio, f"{ab['p']:.3g}", str(ab.get("pairs")), "n/a" if mds is None else f"{mds:.1%}", str(ab["verdict"]),
+            ratio, f"{ab['p']:.3g}", _pairs(ab), "n/a" if mds is None else f"{mds:.1%}", str(ab["verdict"]),
             str(ab.get("memory_verdict", "")), str(ab.get("compile_verdict", ""))]
+
+
+def _pairs(ab: dict) -> str:
+    procs = ab.get("processes") or 1
+    return f"{ab.get('pairs')} in {procs} proc" if procs > 1 else str(ab.get("pairs"))
 
 
 def _commits(records: Sequence[tuple[str, dict]]) -> str:
@@ -88,7 +93,8 @@ def render_ab_markdown(records: Sequence[tuple[str, dict]]) -> str:
         cells[7] = f"{icon.get(ab.get('verdict'), '')} {cells[7]}".strip()
         out.append("| " + " | ".join(esc(c) if i else c for i, c in enumerate(cells)) + " |")
     out += ["", "ratio = exp(median of paired log(head/base)) with its bootstrap interval; p = one-sided Wilcoxon "
-            "signed-rank; min det. = smallest slowdown the pairs could detect; memory and compile: head vs base, "
-            "single values against their tolerances."]
+            "signed-rank; across K process pairs (\"in K proc\"): ratio = exp(mean of the pairs' median log-ratios), "
+            "interval and p from a moderated t over them; min det. = smallest slowdown the pairs could detect; "
+            "memory and compile: head vs base, single values against their tolerances."]
     out += _errors(records, quote="`")
     return "\n".join(out) + "\n"

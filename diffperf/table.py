@@ -30,13 +30,15 @@ def _drift(gate: dict) -> str:
 
 
 def ab_cell(ab: dict | None) -> str:
-    """``verdict ratio [low, high] n=pairs`` of an A/B record (``-`` without one)."""
+    """``verdict ratio [low, high] n=pairs`` of an A/B record (``-`` without one), ``, K proc`` when the pairs
+    came from K process pairs."""
     if not ab:
         return "-"
     if ab.get("verdict") == "error" or ab.get("ratio") is None:
         return str(ab.get("verdict", "-"))
     low, high = ab["ci"]
-    return f"{ab['verdict']} {ab['ratio']:.3f} [{low:.3f}, {high:.3f}] n={ab['pairs']}"
+    procs = f", {ab['processes']} proc" if (ab.get("processes") or 1) > 1 else ""
+    return f"{ab['verdict']} {ab['ratio']:.3f} [{low:.3f}, {high:.3f}] n={ab['pairs']}{procs}"
 
 
 def _gate_cell(gate: dict) -> str:

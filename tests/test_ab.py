@@ -229,6 +229,47 @@ def test_combine_needs_two_process_pairs_and_widens_when_they_disagree():
         ab_replicate.combine([], tolerance=0.03, alpha=0.01, process_cv=0.01)
 
 
+def test_replicate_adds_process_pairs_until_decided_or_the_limit_or_the_device_is_full(monkeypatch):
+    from types import SimpleNamespace
+
+    from diffperf import ab_replicate
+
+    def block(index: int, ratio: float) -> ab_replicate.Block:
+        head, base = _offset_pairs(ratio, 0.005, n=16)
+        cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
+        return ab_replicate.Block(index, ab.PairsResult(head, base, ["HB"] * 16, cmp, [], [], 1.0), 0, index, -index)
+
+    ratios = iter([1.06, 0.95, 1.0, 1.05, 0.96, 1.0, 1.01, 0.99, 1.0, 1.0, 1.02])
+    calls = []
+
+    def fake_block(session, case, index, **kw):
+        calls.append(index)
+        return block(index, next(ratios))
+
+    monkeypatch.setattr(ab_replicate, "measure_block", fake_block)
+    prepared = SimpleNamespace(case=SimpleNamespace(device="cpu", id="c"), cold_peak_bytes=None)
+    kw = dict(test_id="t", rounds=16, warmup_rounds=0, max_time_s=60, tolerance=0.03, alpha=0.01, inject_slowdown=0.0,
+              process_cv=0.01)
+    session = SimpleNamespace(settings=SimpleNamespace(processes=4))
+    blocks, cmp, stopped = ab_replicate.replicate(session, prepared, block(1, 1.0), **kw)
+    assert calls == [2, 3, 4] and len(blocks) == cmp.processes == 4 and stopped is None  # the limit
+    assert cmp.verdict == "inconclusive" and not cmp.decided
+
+    calls.clear()
+    ratios = iter([1.0, 1.0])
+    session.settings.processes = 12
+    blocks, cmp, stopped = ab_replicate.replicate(session, prepared, block(1, 1.0), **kw)
+    assert calls == [2] and cmp.verdict == "unchanged" and cmp.processes == 2  # decided: no more pairs
+
+    def no_room(session, case, index, **kw):
+        raise ab.AbDoesNotFit("the two sides of c do not fit on the GPU together")
+
+    monkeypatch.setattr(ab_replicate, "measure_block", no_room)
+    blocks, cmp, stopped = ab_replicate.replicate(session, prepared, block(1, 1.2), **kw)
+    assert len(blocks) == 1 and cmp.verdict == "inconclusive"
+    assert stopped == "stopped after 1 process pair(s): the two sides of c do not fit on the GPU together"
+
+
 def test_too_few_noisy_pairs_are_inconclusive_and_say_what_they_could_detect():
     head, base = _pairs(1.0, 4, 0.10, 3)
     cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
