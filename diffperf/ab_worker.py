@@ -1,7 +1,9 @@
-"""The base side of an interleaved A/B run: a long-lived process that holds one built pipeline.
+"""One side of an interleaved A/B run in a process of its own, holding one built pipeline at a time.
 
-Started by :mod:`diffperf.ab` as ``<python> <copy of this file>`` with the base tree as its working
-directory and first on ``PYTHONPATH``, so it imports the *base tree's* ``diffperf`` and ``pipelines``.
+The base worker is long-lived (every case's first process pair); the further process pairs of
+:mod:`diffperf.ab_replicate` start a head worker and a base worker per pair and close them after it.
+Started by :mod:`diffperf.ab` as ``<python> <copy of this file>`` with its side's tree as its working
+directory and first on ``PYTHONPATH``, so a base worker imports the *base tree's* ``diffperf`` and ``pipelines``.
 This file is copied next to the base worktree before it is run: the base revision may predate A/B, so
 the worker uses only what every diffperf revision has (``harness.prepare``, ``cases``, ``timing``).
 
