@@ -591,12 +591,14 @@ class PairsResult:
 
 def run_pairs(head_round: Callable[[], float], base_round: Callable[[], float], *, min_pairs: int, warmup_rounds: int,
               max_time_s: float, tolerance: float, alpha: float, seed: int, max_pairs: int = 400,
-              compare: Callable[..., PairedComparison] = paired_compare) -> PairsResult:
+              compare: Callable[..., PairedComparison] = paired_compare,
+              done: Callable[[PairedComparison], bool] | None = None) -> PairsResult:
     """Warm both sides (alternating), then take pairs in random order until decided or ``max_time_s`` is spent.
 
-    At least ``min_pairs`` pairs; then, while :attr:`PairedComparison.decided` is false and the budget
-    allows, batches of half as many pairs again (at least 4). Only one side runs at a time.
+    At least ``min_pairs`` pairs; then, while ``done`` (default :attr:`PairedComparison.decided`) is false
+    and the budget allows, batches of half as many pairs again (at least 4). Only one side runs at a time.
     """
+    done = done or (lambda c: c.decided)
     rng = np.random.default_rng(seed)
     head_warm, base_warm = [], []
     for _ in range(warmup_rounds):
@@ -619,7 +621,7 @@ def run_pairs(head_round: Callable[[], float], base_round: Callable[[], float], 
 
     take(max(min_pairs, 2))
     cmp = compare(head, base, tolerance=tolerance, alpha=alpha)
-    while not cmp.decided and len(head) < max_pairs:
+    while not done(cmp) and len(head) < max_pairs:
         elapsed = time.perf_counter() - start
         pair_s = elapsed / len(head)
         room = int((max_time_s - elapsed) // pair_s) if pair_s > 0 else max_pairs
@@ -735,10 +737,13 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
             base_warm.append(base_round())
         runner.memory.reset()
         worker.request("reset_memory")
+        done = None
+        if ab.settings.processes > 1:
+            from diffperf.ab_replicate import pair_done as done
         with _progress(f"{case.id}: A/B pairs (head and base in random order)"):
             res = run_pairs(head_round, base_round, min_pairs=rounds, warmup_rounds=0, max_time_s=max_time_s,
                             tolerance=tolerance, alpha=alpha, seed=seed,
-                            compare=functools.partial(paired_compare, process_cv=process_cv))
+                            compare=functools.partial(paired_compare, process_cv=process_cv), done=done)
         head_peak, head_kind = runner.memory.peak_bytes(), runner.memory.kind
         base_stats = worker.request("stats")
     finally:

@@ -93,6 +93,13 @@ def combine(blocks: Sequence[ab.PairedComparison], *, tolerance: float, alpha: f
                                block_ratios=tuple(float(b.ratio) for b in blocks))
 
 
+def pair_done(cmp: ab.PairedComparison) -> bool:
+    """When one process pair of a replicated A/B has enough rounds: its own standard error is within the
+    between-process offset it will be pooled with (``--perf-ab-process-cv``), so more rounds in this pair
+    would buy less than another pair of processes; a change beyond doubt stops it too."""
+    return cmp.verdict in ("regressed", "improved") or (cmp.pairs >= 2 and cmp.pairs_se <= max(cmp.process_cv, 1e-3))
+
+
 def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, rounds: int, warmup_rounds: int,
                   max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float,
                   process_cv: float) -> Block:
@@ -125,7 +132,7 @@ def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, roun
         with ab._progress(f"{case.id}: A/B pairs in process pair {index}"):
             res = ab.run_pairs(head_round, base_round, min_pairs=rounds, warmup_rounds=warmup_rounds,
                                max_time_s=max_time_s, tolerance=tolerance, alpha=alpha, seed=seed,
-                               compare=functools.partial(ab.paired_compare, process_cv=process_cv))
+                               compare=functools.partial(ab.paired_compare, process_cv=process_cv), done=pair_done)
         return Block(index, res, seed, head.proc.pid, base.proc.pid, built["head"].get("builder_file"),
                      built["base"].get("builder_file"))
     finally:

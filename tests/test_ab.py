@@ -368,12 +368,12 @@ def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
     a = rec["ab"]
     assert a["verdict"] == "improved" and 0.4 < a["ratio"] < 0.6
     assert a["ci"][0] <= a["ratio"] <= a["ci"][1] and a["p"] < 0.01
-    # Two process pairs (the least that decides): this process + the base worker, then a fresh head worker +
-    # a fresh base worker, each importing its own tree. The top-level samples are the first pair's.
-    assert a["processes"] == len(a["blocks"]) == 2 and a["replication_stopped"] is None
-    first, second = a["blocks"]
+    # Three process pairs (the least that calls a change): this process + the base worker, then twice a fresh
+    # head worker + a fresh base worker, each importing its own tree. The top-level samples are the first pair's.
+    assert a["processes"] == len(a["blocks"]) == 3 and a["replication_stopped"] is None
+    first, second, _third = a["blocks"]
     assert first["order"] == a["order"] and first["head_samples_s"] == a["head_samples_s"]
-    assert a["pairs"] == sum(b["pairs"] for b in a["blocks"]) == len(a["order"]) + len(second["order"])
+    assert a["pairs"] == sum(b["pairs"] for b in a["blocks"]) == sum(len(b["order"]) for b in a["blocks"])
     assert len(a["order"]) == len(a["base_samples_s"]) == len(a["head_samples_s"]) >= 12
     assert first["head_pid"] != second["head_pid"] and first["base_pid"] != second["base_pid"]
     assert Path(second["head_builder_file"]).resolve() == (ab_repo.path / "pipelines" / "torch_diffusers.py").resolve()
