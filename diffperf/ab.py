@@ -305,7 +305,11 @@ class BaseWorker:
 
     def request(self, cmd: str, timeout_s: float | None = None, **kwargs: Any) -> dict:
         """Send one request and wait for its answer; :class:`AbWorkerError` names what went wrong."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+        self.send(cmd, **kwargs)
+        return self.receive(cmd, timeout_s)
+
+    def send(self, cmd: str, **kwargs: Any) -> None:
+        """Send a request without waiting (:meth:`receive` takes its answer): two workers can build at once."""
         if self.proc.poll() is not None:
             raise self._died(cmd)
         self.busy = True  # until the answer comes: a worker interrupted mid-request is killed, not asked
@@ -314,6 +318,10 @@ class BaseWorker:
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             raise self._died(cmd) from None
+
+    def receive(self, cmd: str, timeout_s: float | None = None) -> dict:
+        """The answer to the request :meth:`send` sent (``cmd`` names it in errors)."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
@@ -474,20 +482,33 @@ class AbSession:
     def spawn(self, side: str, scratch: Path) -> tuple[BaseWorker, dict]:
         """A started, import-checked worker of one side: ``"base"`` runs the base tree (by ``--perf-ab-python``
         when given), ``"head"`` this tree by this interpreter. Returns the worker and its ``hello`` answer."""
+        return self.spawn_many([(side, scratch)])[0]
+
+    def spawn_many(self, specs: Sequence[tuple[str, Path]]) -> list[tuple[BaseWorker, dict]]:
+        """Workers of ``(side, scratch folder)`` started at once (their imports overlap), then each checked."""
         s = self.settings
-        python, tree = (self.base_python, self.base_tree) if side == "base" else (_head_python(), s.rootdir)
-        worker = BaseWorker(python, tree, scratch, s.timeout_s, env=dict(os.environ, DIFFPERF_AB_MALLOC=s.malloc),
-                            side=side)
+        started: list[tuple[BaseWorker, str, Path, str]] = []
         try:
-            hello = worker.request("hello", timeout_s=max(s.timeout_s, 120.0))
-            _check_imports(hello, tree, side)
-        except AbWorkerError as exc:
-            worker.close()
-            raise AbError(f"A/B {side} side ({python}, tree {tree}) does not start: {exc}") from None
-        except AbError:
-            worker.close()
+            for side, scratch in specs:
+                python, tree = (self.base_python, self.base_tree) if side == "base" else (_head_python(), s.rootdir)
+                started.append((BaseWorker(python, tree, scratch, s.timeout_s,
+                                           env=dict(os.environ, DIFFPERF_AB_MALLOC=s.malloc), side=side),
+                                python, tree, side))
+            for worker, *_ in started:
+                worker.send("hello")
+            out = []
+            for worker, python, tree, side in started:
+                try:
+                    hello = worker.receive("hello", timeout_s=max(s.timeout_s, 120.0))
+                except AbWorkerError as exc:
+                    raise AbError(f"A/B {side} side ({python}, tree {tree}) does not start: {exc}") from None
+                _check_imports(hello, tree, side)
+                out.append((worker, hello))
+            return out
+        except BaseException:
+            for worker, *_ in started:
+                worker.close()
             raise
-        return worker, hello
 
     def discard_worker(self) -> None:
         """Kill the worker (after a crash or a hang) so the next case starts a fresh one."""

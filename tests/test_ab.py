@@ -270,6 +270,19 @@ def test_replicate_adds_process_pairs_until_decided_or_the_limit_or_the_device_i
     assert stopped == "stopped after 1 process pair(s): the two sides of c do not fit on the GPU together"
 
 
+def test_a_process_pair_takes_rounds_until_its_error_is_within_the_between_process_term_or_a_quarter_tolerance():
+    from diffperf import ab_replicate
+
+    head, base = _pairs(1.0, 24, 0.08, 1)  # 8 % noise a round: about 10 % a pair, as on the 2-core VM
+    wide = ab.paired_compare(head, base, tolerance=0.10, alpha=0.01)
+    assert 0.01 < wide.pairs_se <= 0.025 and wide.verdict != "regressed"
+    assert ab_replicate.pair_done(wide)  # 10 % tolerance: 2.5 % is enough, another process pair buys more
+    tight = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
+    assert not ab_replicate.pair_done(tight)  # 3 % tolerance: down to the 1 % between-process term
+    head, base = _pairs(1.0, 24, 0.005, 4)
+    assert ab_replicate.pair_done(ab.paired_compare(head, base, tolerance=0.03, alpha=0.01))
+
+
 def test_too_few_noisy_pairs_are_inconclusive_and_say_what_they_could_detect():
     head, base = _pairs(1.0, 4, 0.10, 3)
     cmp = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
