@@ -676,8 +676,12 @@ class AbOutcome:
 
 
 def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_tolerance: float,
-          compile_tolerance: float) -> AbOutcome:
-    """The A/B verdict of a test: latency from the pairs, peak memory and compile time as single values."""
+          compile_tolerance: float, memory_pairs: Sequence[dict] = ()) -> AbOutcome:
+    """The A/B verdict of a test: latency from the pairs, peak memory and compile time as single values.
+
+    ``memory_pairs`` (``{"head", "base", "kind"}`` of each further process pair, whose two workers were started
+    alike) replace the first pair's memory figures when given: see :func:`_memory_across_pairs`.
+    """
     from diffperf.gate import _single_value, _steady_memory
 
     lines = [cmp.describe()]
@@ -687,6 +691,8 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     if head.get("memory_kind") != base.get("memory_kind"):
         mem_v, mem_line = "not compared", (f"peak memory: head measured as {head.get('memory_kind')}, base as "
                                            f"{base.get('memory_kind')}; not compared")
+    if memory_pairs:
+        mem_v, mem_line = _memory_across_pairs(memory_pairs, memory_tolerance)
     comp_v, comp_line = _single_value("compile time (head vs base)", head.get("compile_s"), base.get("compile_s"),
                                       compile_tolerance, stats.fmt_seconds)
     if comp_line and head.get("compile_kind") != base.get("compile_kind"):
@@ -700,6 +706,33 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     headline = f"{test_id}: A/B {' and '.join(failures)} regressed" if failures else f"{test_id}: A/B {cmp.verdict}"
     return AbOutcome(bool(failures), "\n".join([headline, *("  " + ln for ln in lines)]),
                      {"memory_verdict": mem_v, "compile_verdict": comp_v})
+
+
+def _memory_across_pairs(pairs: Sequence[dict], tolerance: float) -> tuple[str, str]:
+    """Peak memory judged on the further process pairs: "regressed" when the head's peak is beyond the tolerance
+    in every one of them, "improved" the mirror image, else "unchanged".
+
+    Note: the first pair is the test process and the base worker, and a process's resident-memory growth
+    during a case depends on what ran in it before (measured: TF XLA tiny grew 171 MiB in the base worker and
+    203 MiB in the test process, same tree). The workers of a further pair are started, built and measured
+    alike, so their figures compare; a real growth shows in every pair, a process's accident does not.
+    """
+    kinds = {(p.get("kind_head"), p.get("kind_base")) for p in pairs}
+    if any(h != b for h, b in kinds) or len({h for h, _ in kinds}) != 1:
+        return "not compared", f"peak memory: measured as {sorted(map(str, kinds))} across process pairs; not compared"
+    usable = [p for p in pairs if p.get("head") and p.get("base")]
+    if not usable:
+        return "not compared", None
+    ratios = [p["head"] / p["base"] for p in usable]
+    if min(ratios) > 1 + tolerance:
+        verdict = "regressed"
+    elif max(ratios) < 1 - tolerance:
+        verdict = "improved"
+    else:
+        verdict = "unchanged"
+    shown = ", ".join(f"{stats.fmt_bytes(p['head'])} vs {stats.fmt_bytes(p['base'])}" for p in usable)
+    return verdict, (f"peak memory (head vs base) {verdict} across {len(usable)} fresh process pair(s): {shown}, "
+                     f"ratios {', '.join(f'{r:.3f}' for r in ratios)} (tolerance {tolerance:.0%} in every pair)")
 
 
 def _compile_figure(base_stats: dict, cold_s: float | None, steady: Sequence[float]) -> tuple[float | None, str | None]:
@@ -819,7 +852,8 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                  "cuda_visible_devices": hello.get("cuda_visible_devices"), "device_env": hello.get("device_env"),
                  "diffperf_file": hello.get("diffperf_file"), "builder_file": base_built.get("builder_file")}
     cmp = got.comparison
-    outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance)
+    memory_pairs = [b.memory for b in got.blocks[1:] if b.memory]
+    outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance, memory_pairs)
     rec["ab"] = {
         "verdict": cmp.verdict, "ratio": cmp.ratio, "ci": [cmp.ci_low, cmp.ci_high], "confidence": cmp.confidence,
         "p": cmp.p_value, "p_slower": cmp.p_slower, "p_faster": cmp.p_faster, "pairs": cmp.pairs,

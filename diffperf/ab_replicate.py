@@ -47,6 +47,7 @@ class Block:
     base_pid: int | None
     head_builder_file: str | None = None
     base_builder_file: str | None = None
+    memory: dict | None = None  # steady peak of each worker: {"head", "base", "kind_head", "kind_base"}
 
     def as_dict(self) -> dict:
         cmp = self.pairs.comparison
@@ -54,7 +55,8 @@ class Block:
                 "pairs_se": cmp.pairs_se, "verdict": cmp.verdict, "order": self.pairs.order, "order_seed": self.seed,
                 "head_samples_s": self.pairs.head, "base_samples_s": self.pairs.base,
                 "seconds": self.pairs.seconds, "head_pid": self.head_pid, "base_pid": self.base_pid,
-                "head_builder_file": self.head_builder_file, "base_builder_file": self.base_builder_file}
+                "head_builder_file": self.head_builder_file, "base_builder_file": self.base_builder_file,
+                "memory": self.memory}
 
 
 def combine(blocks: Sequence[ab.PairedComparison], *, tolerance: float, alpha: float, process_cv: float,
@@ -132,12 +134,22 @@ def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, roun
             return float(base.request("round")["seconds"])
 
         seed = ab.order_seed(session.settings.seed, f"{test_id}#pair{index}")
+        head_warm, base_warm = [], []
+        for _ in range(warmup_rounds):
+            head_warm.append(head_round())
+            base_warm.append(base_round())
+        for worker in (head, base):
+            worker.request("reset_memory")
         with ab._progress(f"{case.id}: A/B pairs in process pair {index}"):
-            res = ab.run_pairs(head_round, base_round, min_pairs=rounds, warmup_rounds=warmup_rounds,
+            res = ab.run_pairs(head_round, base_round, min_pairs=rounds, warmup_rounds=0,
                                max_time_s=max_time_s, tolerance=tolerance, alpha=alpha, seed=seed,
                                compare=functools.partial(ab.paired_compare, process_cv=process_cv), done=pair_done)
+        res.head_warm, res.base_warm = head_warm, base_warm
+        got = {w.side: w.request("stats") for w in (head, base)}
+        memory = {"head": got["head"].get("steady_peak_bytes"), "base": got["base"].get("steady_peak_bytes"),
+                  "kind_head": got["head"].get("memory_kind"), "kind_base": got["base"].get("memory_kind")}
         return Block(index, res, seed, head.proc.pid, base.proc.pid, built["head"].get("builder_file"),
-                     built["base"].get("builder_file"))
+                     built["base"].get("builder_file"), memory)
     finally:
         _close_all(workers)
         for worker in workers:

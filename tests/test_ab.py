@@ -777,3 +777,27 @@ def test_judge_compares_memory_and_compile_as_single_values_of_the_same_kind():
     out = ab.judge("t", side | {"memory_kind": "cuda_allocator"}, side, cmp, memory_tolerance=0.1,
                    compile_tolerance=0.25)
     assert not out.failed and out.info["memory_verdict"] == "not compared" and "A/B unchanged" in out.message
+
+
+def test_memory_across_process_pairs_ignores_the_first_pairs_unlike_processes_but_catches_a_real_growth():
+    # Measured A/A (TF XLA tiny, same tree): 203 MiB in the test process, 171 MiB in the base worker, a
+    # "regression" of 18.6 % on the first pair alone. Fresh worker pairs are started alike and agree.
+    cmp = ab.paired_compare(*_pairs(1.0, 20, 0.01, 1), tolerance=0.1, alpha=0.01)
+    head = {"peak_memory_bytes": {"steady": 203 << 20}, "memory_kind": "peak_rss"}
+    base = {"peak_memory_bytes": {"steady": 171 << 20}, "memory_kind": "peak_rss"}
+    assert ab.judge("t", head, base, cmp, memory_tolerance=0.1, compile_tolerance=0.25).failed
+    alike = [{"head": 172 << 20, "base": 170 << 20, "kind_head": "peak_rss", "kind_base": "peak_rss"},
+             {"head": 168 << 20, "base": 174 << 20, "kind_head": "peak_rss", "kind_base": "peak_rss"}]
+    out = ab.judge("t", head, base, cmp, memory_tolerance=0.1, compile_tolerance=0.25, memory_pairs=alike)
+    assert not out.failed and out.info["memory_verdict"] == "unchanged"
+    assert "across 2 fresh process pair(s)" in out.message
+    grown = [{"head": 230 << 20, "base": 170 << 20, "kind_head": "peak_rss", "kind_base": "peak_rss"},
+             {"head": 236 << 20, "base": 174 << 20, "kind_head": "peak_rss", "kind_base": "peak_rss"}]
+    out = ab.judge("t", head, base, cmp, memory_tolerance=0.1, compile_tolerance=0.25, memory_pairs=grown)
+    assert out.failed and out.info["memory_verdict"] == "regressed" and "A/B peak memory regressed" in out.message
+    one_accident = [grown[0], alike[1]]  # beyond the tolerance in one pair only: not a growth of the code
+    assert ab.judge("t", head, base, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
+                    memory_pairs=one_accident).info["memory_verdict"] == "unchanged"
+    mixed = [alike[0] | {"kind_head": "cuda_allocator"}]
+    assert ab.judge("t", head, base, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
+                    memory_pairs=mixed).info["memory_verdict"] == "not compared"
