@@ -97,7 +97,7 @@ def history_item(entry: dict) -> dict:
             "reference_id": entry.get("reference_id"), "commit": dict(entry.get("commit") or {}),
             "recorded_at": entry.get("recorded_at"), "versions": dict(entry.get("versions") or {}),
             "peak_memory_bytes": entry.get("peak_memory_bytes"), "memory_kind": entry.get("memory_kind"),
-            "compile_cache": entry.get("compile_cache")}
+            "compile_cache": entry.get("compile_cache"), "first_in_process": entry.get("first_in_process")}
 
 
 def make_entry(test_id: str, record: dict, versions: dict | None = None, commit: dict | None = None,
@@ -126,6 +126,7 @@ def make_entry(test_id: str, record: dict, versions: dict | None = None, commit:
         "compile_s": round_sig(float(compile_s)) if compile_s is not None else None,
         "compile_kind": record.get("compile_kind"),
         "compile_cache": record.get("compile_cache"),
+        "first_in_process": record.get("first_in_process"),
         "reference_s": round_sig(float(record["reference_s"])) if record.get("reference_s") else None,
         "reference_id": record.get("reference_id") if record.get("reference_s") else None,
         "versions": dict(versions or {}),
@@ -191,15 +192,20 @@ def migrate_entry(entry: Any) -> Any:
     return entry
 
 
-def history_memory(entry: dict, memory_kind: str | None, compile_cache: str | None) -> list[float]:
+def history_memory(entry: dict, memory_kind: str | None, compile_cache: str | None,
+                   first_in_process: bool | None = None) -> list[float]:
     """The steady peak memory of the history's runs measured as ``memory_kind`` with the same compile-cache
-    state (a run that predates memory in the history, or another kind or state, is left out)."""
+    state and process context (a run that predates memory in the history, or another kind, state or
+    context, is left out). ``first_in_process``: the case was the first pipeline of its framework in its
+    process (a run that does not say so was not: the fp32 reference is built first by default)."""
     out = []
     for item in entry.get("history") or []:
         value = item.get("peak_memory_bytes")
         if not isinstance(value, (int, float)) or value <= 0 or item.get("memory_kind") != memory_kind:
             continue
         if compile_cache and item.get("compile_cache") and item["compile_cache"] != compile_cache:
+            continue
+        if bool(first_in_process) != bool(item.get("first_in_process")):
             continue
         out.append(float(value))
     return out

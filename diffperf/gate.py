@@ -190,7 +190,8 @@ class Gate:
 
         mem_v, mem_line = _single_value("peak memory", _steady_memory(record.get("peak_memory_bytes")),
                                         _steady_memory(base.get("peak_memory_bytes")), s.memory_tolerance, stats.fmt_bytes)
-        mem_history = history_memory(base, record.get("memory_kind"), record.get("compile_cache"))
+        mem_history = history_memory(base, record.get("memory_kind"), record.get("compile_cache"),
+                                     record.get("first_in_process"))
         if mem_line and len(mem_history) >= stats.MIN_HISTORY:
             mem_v, mem_line = _memory_against_history(_steady_memory(record.get("peak_memory_bytes")), mem_history,
                                                       s.memory_tolerance)
@@ -198,6 +199,14 @@ class Gate:
         elif record.get("memory_kind") and base.get("memory_kind") and record["memory_kind"] != base["memory_kind"]:
             mem_v, mem_line = "not compared", (f"peak memory: measured as {record['memory_kind']}, baseline as "
                                                f"{base['memory_kind']}; not compared")
+        elif mem_line and bool(record.get("first_in_process")) != bool(base.get("first_in_process")):
+            # Measured: tiny fp32 classic grew 87.8 MiB as the first torch pipeline of its process
+            # (--perf-no-fidelity), 34.8-51.0 MiB over 20 runs that built the fp32 reference first.
+            where = {True: "as the first", False: "after another"}
+            mem_v, mem_line = "not compared", (
+                f"peak memory: measured {where[bool(record.get('first_in_process'))]} pipeline of its framework in "
+                f"the process, baseline {where[bool(base.get('first_in_process'))]} (a framework's first pipeline "
+                f"pays one-time allocations); not compared")
         elif mem_line and _cache_states_differ(record, base):
             # Measured on the tiny CPU cases: a cold compile leaves compiler memory in the process that the steady
             # phase's RSS still holds (torch.compile +52 MiB, TF XLA +100, JAX jit +210, JAX AOT +22); a warm one not.

@@ -42,6 +42,7 @@ class Prepared:
     first_breakdown: Any
     cold_memory_kind: str | None = None  # the probe's kind for the cold peak (it may differ from the steady one)
     compile_cache: str | None = None  # "cold" / "warm": whether build + first call wrote persistent cache entries
+    first_in_process: bool = False  # the first pipeline of its framework built in this process (memory context)
 
     def close(self) -> None:
         runner, self.runner = self.runner, None
@@ -97,8 +98,12 @@ def cache_state(before: set[str] | None, after: set[str] | None) -> str | None:
     return "cold" if after - before else "warm"
 
 
+_BUILT_FRAMEWORKS: set[str] = set()  # frameworks that built a pipeline in this process (Prepared.first_in_process)
+
+
 def prepare(case: Case) -> Prepared:
     """Build ``case`` and time its first call (cold start) apart from everything else."""
+    first_in_process = case.framework not in _BUILT_FRAMEWORKS
     release_shared(keep=case.framework)
     build = builder(case.framework)
     from diffperf import memory
@@ -109,6 +114,7 @@ def prepare(case: Case) -> Prepared:
     try:
         with progress.step(f"{case.framework} {case.id}: build") as built:
             runner = build(case)
+        _BUILT_FRAMEWORKS.add(case.framework)
     finally:
         memory.clear_case_start()  # the runner's probe has read it; a stale mark must not reach later probes
     try:
@@ -123,7 +129,7 @@ def prepare(case: Case) -> Prepared:
         runner.close()
         raise
     return Prepared(case, runner, built["seconds"], cold.seconds, cold_peak, generation, breakdown, cold_kind,
-                    compile_cache)
+                    compile_cache, first_in_process)
 
 
 def _required_rounds(warm: list[float], tolerance: float, min_rounds: int, budget_s: float) -> int:
@@ -226,6 +232,7 @@ def record(prepared: Prepared, samples: list[float], steady_peak: int | None, br
         "compile_s": compile_s,
         "compile_kind": compile_kind,
         "compile_cache": prepared.compile_cache,
+        "first_in_process": prepared.first_in_process,
         "peak_memory_bytes": {"cold": prepared.cold_peak_bytes, "steady": steady_peak},
         "memory_kind": memory_kind,
         "memory_kinds": {"cold": prepared.cold_memory_kind or memory_kind, "steady": memory_kind},

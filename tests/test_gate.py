@@ -297,7 +297,7 @@ def test_schema_1_file_still_loads_as_a_history_of_one(tmp_path):
     assert entry["schema"] == 2 and entry["history"] == [
         {"median_s": 1.0, "rounds": 3, "cv": old["cv"], "reference_s": None, "reference_id": None,
          "commit": {"id": "abc"}, "recorded_at": old["recorded_at"], "versions": {},
-         "peak_memory_bytes": 1_000_000, "memory_kind": "peak_rss", "compile_cache": None}]
+         "peak_memory_bytes": 1_000_000, "memory_kind": "peak_rss", "compile_cache": None, "first_in_process": None}]
     out = Gate(GateSettings(baselines_dir=tmp_path)).check("t::a", HW, record(lognormal(10)))
     assert "ignores between-run drift" in out.message and out.info["history_runs"] == 1
 
@@ -491,6 +491,32 @@ def test_cpu_memory_is_judged_against_the_range_of_the_history_not_one_run(tmp_p
     s2.save()
     out = short.check("t::a", HW, record(lognormal(12, seed=7), memory=int(49.5 * mib)))
     assert out.info["memory_verdict"] == "regressed" and "memory_history_runs" not in out.info
+
+
+def test_memory_of_a_frameworks_first_pipeline_in_its_process_is_judged_only_against_its_like(tmp_path):
+    # Measured: fp32-classic grew 87.8 MiB as the first torch pipeline of its process (--perf-no-fidelity),
+    # 34.8-51.0 MiB in the committed history's 20 runs, which built the fp32 reference first.
+    mib = 1 << 20
+    store = BaselineStore.load(baseline_path(tmp_path, HW))
+    for i, mem in enumerate([46.3, 34.8, 50.6]):
+        store.append("t::a", record(lognormal(12, seed=100 + i), memory=int(mem * mib)), commit={"id": f"{i:040x}"})
+    store.save()
+    gate = Gate(GateSettings(baselines_dir=tmp_path))
+    first = record(lognormal(12, seed=7), memory=int(87.8 * mib)) | {"first_in_process": True}
+    out = gate.check("t::a", HW, first)
+    assert out.info["memory_verdict"] == "not compared" and not out.failed
+    assert "measured as the first pipeline of its framework in the process, baseline after another" in out.message
+    later = record(lognormal(12, seed=7), memory=int(87.8 * mib)) | {"first_in_process": False}
+    assert gate.check("t::a", HW, later).info["memory_verdict"] == "regressed"  # the same growth after another one
+    # A history of first-in-process runs judges the next one.
+    for i, mem in enumerate([84.0, 90.1, 86.5]):
+        store.append("t::a", record(lognormal(12, seed=200 + i), memory=int(mem * mib)) | {"first_in_process": True},
+                     commit={"id": f"{i + 10:040x}"})
+    store.save()
+    gate = Gate(GateSettings(baselines_dir=tmp_path))
+    out = gate.check("t::a", HW, first)
+    assert out.info["memory_verdict"] == "unchanged" and out.info["memory_history_runs"] == 3
+    assert store.entries["t::a"]["history"][-1]["first_in_process"] is True
 
 
 def test_the_committed_cpu_history_carries_memory():
