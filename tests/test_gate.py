@@ -175,6 +175,26 @@ def test_memory_and_compile_use_their_own_tolerances(tmp_path):
     assert comp.failed and "compile time regressed" in comp.message
 
 
+def test_compile_time_allows_for_a_machine_the_reference_workload_shows_slower(tmp_path):
+    # Measured: a run failed JAX jit and TF XLA on compile time while the machine ran its reference workload
+    # 12-56 % slower than at baseline time. The slowdown the reference shows is allowed for, never a speedup.
+    ref = {"reference_id": "torch 2.13.0 mm, 2 threads"}
+    store = BaselineStore.load(baseline_path(tmp_path, HW))
+    store.put(make_entry("t::a", record(lognormal(20, seed=1), compile_s=1.0) | ref | {"reference_s": 0.014}))
+    store.save()
+    gate = Gate(GateSettings(baselines_dir=tmp_path))
+    same = lognormal(20, seed=3)
+    slow_machine = gate.check("t::a", HW, record(same, compile_s=1.5) | ref | {"reference_s": 0.0218})
+    assert slow_machine.info["compile_verdict"] == "unchanged"
+    assert "measured 1.5 s rescaled by 0.642" in slow_machine.message
+    same_machine = gate.check("t::a", HW, record(same, compile_s=1.5) | ref | {"reference_s": 0.014})
+    assert same_machine.info["compile_verdict"] == "regressed" and same_machine.failed
+    fast_machine = gate.check("t::a", HW, record(same, compile_s=1.2) | ref | {"reference_s": 0.010})
+    assert fast_machine.info["compile_verdict"] == "unchanged" and "rescaled" not in fast_machine.message
+    beyond = gate.check("t::a", HW, record(same, compile_s=2.5) | ref | {"reference_s": 0.0218})
+    assert beyond.info["compile_verdict"] == "regressed"  # 2.5 s x 0.642 = 1.6 s: more than the machine explains
+
+
 def test_compile_figures_of_another_kind_are_not_compared(tmp_path):
     """JAX AOT's ahead-of-time compile seconds are not the cold-start excess an older baseline holds."""
     gate = _gate_with_baseline(tmp_path, lognormal(20, seed=1))  # baseline: compile 1.0 s, no kind (older)
