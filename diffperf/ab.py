@@ -105,6 +105,11 @@ class PairedComparison:
             self.process_cv > 0 and self.pairs_se <= self.process_cv / 2)
 
     def describe(self) -> str:
+        if self.replicated and self.processes == 1:
+            return (f"A/B {self.verdict}: head/base ratio {self.ratio:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] "
+                    f"over {self.pairs} pairs of 1 process pair (its interval allows a {self.process_cv:.1%} "
+                    f"between-process offset, so no more pairs were needed), Wilcoxon p={self.p_value:.3g}, "
+                    f"tolerance {self.tolerance:.0%}, smallest detectable slowdown {self.min_detectable:.1%}")
         if self.replicated:
             blocks = ", ".join(f"{r:.3f}" for r in self.block_ratios)
             return (f"A/B {self.verdict}: head/base ratio {self.ratio:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] "

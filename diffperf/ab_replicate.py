@@ -34,6 +34,10 @@ DEFAULT_PROCESSES = 12  # at most; a case stops adding pairs once the verdict ac
 MIN_PROCESSES = 2  # fewer process pairs never decide: one pair's offset is indistinguishable from a change
 MIN_PROCESSES_CHANGE = 3  # "regressed" / "improved" need one more: two pairs may share one slow process' offset
 PRIOR_DF = 4  # weight of the --perf-ab-process-cv prior on the between-pair variance, in pairs' worth
+# One pair settles "unchanged" alone when its interval, widened by an offset this many times --perf-ab-process-cv,
+# lies inside the tolerance: measured offsets of one pair reached 5-6.5 % (fp32-classic, sd 2.7 %), so a
+# change of the tolerance's size cannot hide behind one at 3x the default 1 %.
+SETTLE_OFFSET_FACTOR = 3.0
 
 
 @dataclasses.dataclass
@@ -108,6 +112,24 @@ def pair_done(cmp: ab.PairedComparison) -> bool:
     to start, import and build. At a 10 % tolerance, 2.5 % is as useful and four times cheaper."""
     enough = max(cmp.process_cv, cmp.tolerance / 4, 1e-3)
     return cmp.verdict in ("regressed", "improved") or (cmp.pairs >= 2 and cmp.pairs_se <= enough)
+
+
+def settles_alone(cmp: ab.PairedComparison) -> ab.PairedComparison | None:
+    """The first pair's "unchanged", when it holds even with a between-process offset of
+    :data:`SETTLE_OFFSET_FACTOR` times ``--perf-ab-process-cv`` (sd) added to its interval; else ``None``
+    (more pairs are needed). A change, or anything undecided, is never settled by one pair."""
+    from diffperf import stats
+
+    if cmp.pairs < ab.MIN_PAIRS or not math.isfinite(cmp.pairs_se) or cmp.verdict not in ("unchanged", "inconclusive"):
+        return None
+    wide = SETTLE_OFFSET_FACTOR * cmp.process_cv
+    half = stats._z(1 - (1 - cmp.confidence) / 2) * math.hypot(cmp.pairs_se, wide)
+    m = math.log(cmp.ratio)
+    lo, hi = math.exp(m - half), math.exp(m + half)
+    if not (lo > 1 - cmp.tolerance and hi < 1 + cmp.tolerance):
+        return None
+    return dataclasses.replace(cmp, verdict="unchanged", ci_low=lo, ci_high=hi, process_cv=wide, processes=1,
+                               replicated=True, block_ratios=(cmp.ratio,))
 
 
 def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, rounds: int, warmup_rounds: int,
@@ -194,7 +216,8 @@ def _close_all(workers: Sequence[ab.BaseWorker]) -> None:
 def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, rounds: int, warmup_rounds: int,
               max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float, process_cv: float,
               ) -> tuple[list[Block], ab.PairedComparison, str | None]:
-    """Add process pairs to ``first`` while the verdict across them is undecided, up to ``--perf-ab-processes``.
+    """Add process pairs to ``first`` while the verdict across them is undecided, up to ``--perf-ab-processes``;
+    none when the first pair alone rules out a change of the tolerance's size (:func:`settles_alone`).
 
     Returns the blocks, the combined comparison and why replication stopped early (``None`` when it did not):
     a further pair that does not fit on the device beside the test process' pipeline ends it, and the
@@ -202,6 +225,9 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
     """
     blocks = [first]
     most = session.settings.processes
+    settled = settles_alone(first.pairs.comparison)
+    if settled is not None:
+        return blocks, settled, None
     cmp = combine([first.pairs.comparison], tolerance=tolerance, alpha=alpha, process_cv=process_cv)
     stopped = None
     while len(blocks) < most and (len(blocks) < MIN_PROCESSES or not cmp.decided):

@@ -183,6 +183,8 @@ def _process_pairs(change: float, rng: np.random.Generator, most: int = 12, slow
         base = 0.1 * b_off * speed * np.exp(rng.normal(0, 0.01, 16))
         head = 0.1 * h_off * change * speed * np.exp(rng.normal(0, 0.01, 16))
         blocks.append(ab.paired_compare(list(head), list(base), tolerance=0.03, alpha=0.01, n_boot=400))
+        if len(blocks) == 1 and ab_replicate.settles_alone(blocks[0]) is not None:  # never at a 3 % tolerance
+            return blocks[0], ab_replicate.settles_alone(blocks[0])
         cmp = ab_replicate.combine(blocks, tolerance=0.03, alpha=0.01, process_cv=ab.PROCESS_CV)
         if len(blocks) >= most or (len(blocks) >= ab_replicate.MIN_PROCESSES and cmp.decided):
             return blocks[0], cmp
@@ -268,6 +270,23 @@ def test_replicate_adds_process_pairs_until_decided_or_the_limit_or_the_device_i
     blocks, cmp, stopped = ab_replicate.replicate(session, prepared, block(1, 1.2), **kw)
     assert len(blocks) == 1 and cmp.verdict == "inconclusive"
     assert stopped == "stopped after 1 process pair(s): the two sides of c do not fit on the GPU together"
+
+
+def test_one_pair_settles_unchanged_only_when_a_tripled_offset_still_rules_out_the_tolerance():
+    from diffperf import ab_replicate
+
+    def first(ratio: float, tolerance: float) -> ab.PairedComparison:
+        return ab.paired_compare(*_offset_pairs(ratio, 0.005, n=20), tolerance=tolerance, alpha=0.01)
+
+    settled = ab_replicate.settles_alone(first(1.01, 0.10))
+    assert settled is not None and settled.verdict == "unchanged" and settled.processes == 1 and settled.decided
+    assert settled.process_cv == 3 * ab.PROCESS_CV and settled.ci_low < 0.95 and settled.ci_high > 1.07
+    assert "1 process pair (its interval allows a 3.0% between-process offset" in settled.describe()
+    assert ab_replicate.settles_alone(first(1.04, 0.10)) is None  # a 10 % change could hide behind a 3 % offset
+    assert ab_replicate.settles_alone(first(1.0, 0.03)) is None  # a 3 % tolerance always takes more pairs
+    assert ab_replicate.settles_alone(first(1.5, 0.10)) is None  # a change is never called on one pair
+    assert ab_replicate.settles_alone(ab.paired_compare(*_offset_pairs(1.0, 0.005, n=6), tolerance=0.1,
+                                                        alpha=0.01)) is None  # fewer than MIN_PAIRS
 
 
 def test_a_process_pair_takes_rounds_until_its_error_is_within_the_between_process_term_or_a_quarter_tolerance():
@@ -663,7 +682,8 @@ def test_a_latency_flag_is_confirmed_inline_by_ab_against_the_baseline_commit(ab
     assert conf["outcome"] == outcome and conf["base_commit"] == baseline_commit and conf["pairs"] >= 12
     assert gate["verdict"] == verdict and gate.get("flag", "regressed") == "regressed"
     assert len(conf["head_samples_s"]) == len(conf["base_samples_s"]) == conf["blocks"][0]["pairs"]
-    assert conf["processes"] == len(conf["blocks"]) >= 2 and conf["pairs"] == sum(b["pairs"] for b in conf["blocks"])
+    assert conf["processes"] == len(conf["blocks"]) and conf["pairs"] == sum(b["pairs"] for b in conf["blocks"])
+    assert conf["processes"] == (1 if change == "machine" else 3)  # a 40 % change takes 3 pairs; the same code 1
     if change == "machine":
         assert f"not confirmed by interleaved A/B against baseline commit {baseline_commit[:12]} (machine drift, not " \
                "failing)" in _bench_of(root / "run.json")["extra_info"]["gate_message"]
