@@ -681,11 +681,12 @@ class AbOutcome:
 
 
 def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_tolerance: float,
-          compile_tolerance: float, memory_pairs: Sequence[dict] = ()) -> AbOutcome:
+          compile_tolerance: float, memory_pairs: Sequence[dict] = (), compile_pairs: Sequence[dict] = ()) -> AbOutcome:
     """The A/B verdict of a test: latency from the pairs, peak memory and compile time as single values.
 
-    ``memory_pairs`` (``{"head", "base", "kind"}`` of each further process pair, whose two workers were started
-    alike) replace the first pair's memory figures when given: see :func:`_memory_across_pairs`.
+    ``memory_pairs`` / ``compile_pairs`` (``{"head", "base", "kind_head", "kind_base"}`` of each further
+    process pair, whose two workers were started alike) replace the first pair's figures when given: see
+    :func:`_across_pairs`.
     """
     from diffperf.gate import _single_value, _steady_memory
 
@@ -697,12 +698,14 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
         mem_v, mem_line = "not compared", (f"peak memory: head measured as {head.get('memory_kind')}, base as "
                                            f"{base.get('memory_kind')}; not compared")
     if memory_pairs:
-        mem_v, mem_line = _memory_across_pairs(memory_pairs, memory_tolerance)
+        mem_v, mem_line = _across_pairs("peak memory", memory_pairs, memory_tolerance, stats.fmt_bytes)
     comp_v, comp_line = _single_value("compile time (head vs base)", head.get("compile_s"), base.get("compile_s"),
                                       compile_tolerance, stats.fmt_seconds)
     if comp_line and head.get("compile_kind") != base.get("compile_kind"):
         comp_v, comp_line = "not compared", (f"compile time: head measured as {head.get('compile_kind')}, base as "
                                              f"{base.get('compile_kind')}; not compared")
+    if compile_pairs and comp_line:
+        comp_v, comp_line = _across_pairs("compile time", compile_pairs, compile_tolerance, stats.fmt_seconds)
     for verdict, line, name in ((mem_v, mem_line, "peak memory"), (comp_v, comp_line, "compile time")):
         if line:
             lines.append(line)
@@ -713,18 +716,19 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
                      {"memory_verdict": mem_v, "compile_verdict": comp_v})
 
 
-def _memory_across_pairs(pairs: Sequence[dict], tolerance: float) -> tuple[str, str]:
-    """Peak memory judged on the further process pairs: "regressed" when the head's peak is beyond the tolerance
-    in every one of them, "improved" the mirror image, else "unchanged".
+def _across_pairs(name: str, pairs: Sequence[dict], tolerance: float, fmt) -> tuple[str, str | None]:
+    """A single-value figure (peak memory, compile seconds) judged on the further process pairs: "regressed"
+    when the head's figure is beyond the tolerance in every one of them, "improved" the mirror image, else
+    "unchanged".
 
-    Note: the first pair is the test process and the base worker, and a process's resident-memory growth
-    during a case depends on what ran in it before (measured: TF XLA tiny grew 171 MiB in the base worker and
-    203 MiB in the test process, same tree). The workers of a further pair are started, built and measured
-    alike, so their figures compare; a real growth shows in every pair, a process's accident does not.
+    Note: the first pair is the test process and the base worker, and what a process ran before a case moves
+    its figures (measured, same tree: TF XLA tiny grew 203 MiB in the test process and 171 MiB in the base
+    worker, and compiled in 5.39 s and 4.12 s). The two workers of a further pair are started, built and
+    measured alike, so their figures compare; a real change shows in every pair, a process's accident does not.
     """
     kinds = {(p.get("kind_head"), p.get("kind_base")) for p in pairs}
     if any(h != b for h, b in kinds) or len({h for h, _ in kinds}) != 1:
-        return "not compared", f"peak memory: measured as {sorted(map(str, kinds))} across process pairs; not compared"
+        return "not compared", f"{name}: measured as {sorted(map(str, kinds))} across process pairs; not compared"
     usable = [p for p in pairs if p.get("head") and p.get("base")]
     if not usable:
         return "not compared", None
@@ -735,8 +739,8 @@ def _memory_across_pairs(pairs: Sequence[dict], tolerance: float) -> tuple[str, 
         verdict = "improved"
     else:
         verdict = "unchanged"
-    shown = ", ".join(f"{stats.fmt_bytes(p['head'])} vs {stats.fmt_bytes(p['base'])}" for p in usable)
-    return verdict, (f"peak memory (head vs base) {verdict} across {len(usable)} fresh process pair(s): {shown}, "
+    shown = ", ".join(f"{fmt(p['head'])} vs {fmt(p['base'])}" for p in usable)
+    return verdict, (f"{name} (head vs base) {verdict} across {len(usable)} fresh process pair(s): {shown}, "
                      f"ratios {', '.join(f'{r:.3f}' for r in ratios)} (tolerance {tolerance:.0%} in every pair)")
 
 
@@ -858,7 +862,9 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                  "diffperf_file": hello.get("diffperf_file"), "builder_file": base_built.get("builder_file")}
     cmp = got.comparison
     memory_pairs = [b.memory for b in got.blocks[1:] if b.memory]
-    outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance, memory_pairs)
+    compile_pairs = [b.compile for b in got.blocks[1:] if b.compile]
+    outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance, memory_pairs,
+                    compile_pairs)
     rec["ab"] = {
         "verdict": cmp.verdict, "ratio": cmp.ratio, "ci": [cmp.ci_low, cmp.ci_high], "confidence": cmp.confidence,
         "p": cmp.p_value, "p_slower": cmp.p_slower, "p_faster": cmp.p_faster, "pairs": cmp.pairs,

@@ -52,6 +52,7 @@ class Block:
     head_builder_file: str | None = None
     base_builder_file: str | None = None
     memory: dict | None = None  # steady peak of each worker: {"head", "base", "kind_head", "kind_base"}
+    compile: dict | None = None  # compile seconds of each worker, the same way (both built at once: alike)
 
     def as_dict(self) -> dict:
         cmp = self.pairs.comparison
@@ -60,7 +61,7 @@ class Block:
                 "head_samples_s": self.pairs.head, "base_samples_s": self.pairs.base,
                 "seconds": self.pairs.seconds, "head_pid": self.head_pid, "base_pid": self.base_pid,
                 "head_builder_file": self.head_builder_file, "base_builder_file": self.base_builder_file,
-                "memory": self.memory}
+                "memory": self.memory, "compile": self.compile}
 
 
 def combine(blocks: Sequence[ab.PairedComparison], *, tolerance: float, alpha: float, process_cv: float,
@@ -170,8 +171,11 @@ def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, roun
         got = {w.side: w.request("stats") for w in (head, base)}
         memory = {"head": got["head"].get("steady_peak_bytes"), "base": got["base"].get("steady_peak_bytes"),
                   "kind_head": got["head"].get("memory_kind"), "kind_base": got["base"].get("memory_kind")}
+        (h_s, h_kind), (b_s, b_kind) = (ab._compile_figure(got[side], built[side].get("cold_start_s"), rounds_)
+                                        for side, rounds_ in (("head", res.head), ("base", res.base)))
+        compile_ = {"head": h_s, "base": b_s, "kind_head": h_kind, "kind_base": b_kind} if h_s or b_s else None
         return Block(index, res, seed, head.proc.pid, base.proc.pid, built["head"].get("builder_file"),
-                     built["base"].get("builder_file"), memory)
+                     built["base"].get("builder_file"), memory, compile_)
     finally:
         _close_all(workers)
         for worker in workers:

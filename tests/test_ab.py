@@ -821,3 +821,14 @@ def test_memory_across_process_pairs_ignores_the_first_pairs_unlike_processes_bu
     mixed = [alike[0] | {"kind_head": "cuda_allocator"}]
     assert ab.judge("t", head, base, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
                     memory_pairs=mixed).info["memory_verdict"] == "not compared"
+    # Compile seconds the same way. Measured A/A, TF XLA tiny: 5.39 s in the test process, 4.12 s in the base worker.
+    slow = {"compile_s": 5.39, "compile_kind": "cold-start-excess"}
+    fast = {"compile_s": 4.12, "compile_kind": "cold-start-excess"}
+    k = {"kind_head": "cold-start-excess", "kind_base": "cold-start-excess"}
+    assert ab.judge("t", slow, fast, cmp, memory_tolerance=0.1, compile_tolerance=0.25).info["compile_verdict"] == "regressed"
+    out = ab.judge("t", slow, fast, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
+                   compile_pairs=[{"head": 4.3, "base": 4.2} | k])
+    assert not out.failed and out.info["compile_verdict"] == "unchanged" and "compile time (head vs base) unchanged across 1" in out.message
+    out = ab.judge("t", slow, fast, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
+                   compile_pairs=[{"head": 6.3, "base": 4.2} | k, {"head": 6.1, "base": 4.4} | k])
+    assert out.failed and out.info["compile_verdict"] == "regressed"
