@@ -567,14 +567,20 @@ class AbSession:
                 return worker.request("build", timeout_s=max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S),
                                       case=case.as_dict())
         except AbWorkerError as exc:
-            text = str(exc)
-            if "ModuleNotFoundError" in text or "ImportError" in text:
-                raise AbError(f"the A/B base side ({self.hello.get('python') if self.hello else '?'}) lacks the "
-                              f"{case.framework} stack for {case.id}: {text.splitlines()[0]}") from None
-            if "out of memory" in text.lower() or "OutOfMemory" in text or "RESOURCE_EXHAUSTED" in text:
-                raise AbDoesNotFit(f"the base side of {case.id} does not fit on the device next to the head's "
-                                   f"pipeline: {text.splitlines()[0]}") from None
-            raise
+            raise build_error(exc, case, "base", self.hello.get("python") if self.hello else "?",
+                              "next to the head's pipeline") from None
+
+
+def build_error(exc: AbWorkerError, case, side: str, python: str, where: str) -> AbError:
+    """A worker's failed build, named: a missing stack, a build that ran out of device memory
+    (:class:`AbDoesNotFit`, ``where`` says beside what), else the worker's own error."""
+    text = str(exc)
+    if "ModuleNotFoundError" in text or "ImportError" in text:
+        return AbError(f"the A/B {side} side ({python}) lacks the {case.framework} stack for {case.id}: "
+                       f"{text.splitlines()[0]}")
+    if "out of memory" in text.lower() or "OutOfMemory" in text or "RESOURCE_EXHAUSTED" in text:
+        return AbDoesNotFit(f"the {side} side of {case.id} does not fit on the device {where}: {text.splitlines()[0]}")
+    return exc
 
 
 def _head_python() -> str:

@@ -187,14 +187,7 @@ def _built(worker: ab.BaseWorker, case, timeout: float) -> dict:
     try:
         return worker.receive("build", timeout)
     except ab.AbWorkerError as exc:
-        text = str(exc)
-        if "ModuleNotFoundError" in text or "ImportError" in text:
-            raise ab.AbError(f"the A/B {worker.side} side ({worker.python}) lacks the {case.framework} stack for "
-                             f"{case.id}: {text.splitlines()[0]}") from None
-        if "out of memory" in text.lower() or "OutOfMemory" in text or "RESOURCE_EXHAUSTED" in text:
-            raise ab.AbDoesNotFit(f"process pair of {case.id} does not fit on the device next to the test "
-                                  f"process' pipeline: {text.splitlines()[0]}") from None
-        raise
+        raise ab.build_error(exc, case, worker.side, worker.python, "next to the test process' pipeline") from None
 
 
 def _close_all(workers: Sequence[ab.BaseWorker]) -> None:
