@@ -97,6 +97,7 @@ def history_item(entry: dict) -> dict:
             "reference_id": entry.get("reference_id"), "commit": dict(entry.get("commit") or {}),
             "recorded_at": entry.get("recorded_at"), "versions": dict(entry.get("versions") or {}),
             "peak_memory_bytes": entry.get("peak_memory_bytes"), "memory_kind": entry.get("memory_kind"),
+            "compile_s": entry.get("compile_s"), "compile_kind": entry.get("compile_kind"),
             "compile_cache": entry.get("compile_cache"), "first_in_process": entry.get("first_in_process")}
 
 
@@ -202,6 +203,25 @@ def history_memory(entry: dict, memory_kind: str | None, compile_cache: str | No
     for item in entry.get("history") or []:
         value = item.get("peak_memory_bytes")
         if not isinstance(value, (int, float)) or value <= 0 or item.get("memory_kind") != memory_kind:
+            continue
+        if compile_cache and item.get("compile_cache") and item["compile_cache"] != compile_cache:
+            continue
+        if bool(first_in_process) != bool(item.get("first_in_process")):
+            continue
+        out.append(float(value))
+    return out
+
+
+def history_compile(entry: dict, compile_kind: str | None, compile_cache: str | None,
+                    first_in_process: bool | None = None) -> list[float]:
+    """The compile seconds of the history's runs of the same figure (``compile_kind``; an item without one
+    holds the cold-start excess), compile-cache state and process context, as :func:`history_memory` selects."""
+    out = []
+    for item in entry.get("history") or []:
+        value = item.get("compile_s")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            continue
+        if (item.get("compile_kind") or "cold-start-excess") != (compile_kind or "cold-start-excess"):
             continue
         if compile_cache and item.get("compile_cache") and item["compile_cache"] != compile_cache:
             continue
