@@ -778,10 +778,12 @@ class Paired:
 
 
 def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
-            tolerance: float, alpha: float, inject_slowdown: float = 0.0, process_cv: float = PROCESS_CV) -> Paired:
+            tolerance: float, alpha: float, inject_slowdown: float = 0.0, process_cv: float = PROCESS_CV,
+            min_processes: int = 0) -> Paired:
     """Build ``prepared``'s case in the base worker, warm both sides and take the pairs; the base pipeline is
     released afterwards. With ``--perf-ab-processes`` above 1, further process pairs follow
-    (:func:`diffperf.ab_replicate.replicate`) and the verdict is theirs together.
+    (:func:`diffperf.ab_replicate.replicate`, at least ``min_processes`` pairs in all, within
+    ``--perf-ab-processes``) and the verdict is theirs together.
     Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`."""
     from diffperf import harness
     from diffperf.timing import timed_call
@@ -828,7 +830,8 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
     first = ab_replicate.Block(1, res, seed, os.getpid(), worker.proc.pid, None, base_built.get("builder_file"))
     blocks, cmp, stopped = ab_replicate.replicate(
         ab, prepared, first, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
-        tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv)
+        tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv,
+        min_processes=min_processes)
     return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, cmp, blocks, stopped)
 
 

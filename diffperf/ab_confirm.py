@@ -1,9 +1,9 @@
 """Gate flags re-measured as interleaved A/B: inline in the run that flags them, or afterwards on a saved run.
 
-Inline (``--perf-confirm ab``, the default): when the stored-baseline gate flags a test's latency, the
-still-built pipeline is measured again in random-order pairs against the commit of the baseline's latest
-run, built in a base worker (:mod:`diffperf.ab`), and the test fails only when the A/B confirms:
-:func:`confirm_flag`.
+Inline (``--perf-confirm ab``, the default): when the stored-baseline gate flags a test's latency, peak
+memory or compile time, the still-built pipeline is measured again in random-order pairs against the commit
+of the baseline's latest run, built in a base worker (:mod:`diffperf.ab`), and the test fails only when the
+A/B confirms: :func:`confirm_flag`.
 
 ``python -m diffperf confirm RUN -- PYTEST ARGS`` does the same for a saved run, in new processes.
 
@@ -39,25 +39,39 @@ def stack_changes(baseline_versions: dict | None, versions: dict) -> list[str]:
             if k not in _NOT_STACK and base[k] != versions[k]]
 
 
+# The single-value figures a flag may name: (name in messages, gate verdict key, A/B block field).
+SINGLE_VALUE_FLAGS = (("peak memory", "memory", "memory"), ("compile time", "compile", "compile"))
+# Fresh process pairs a flag of peak memory or compile time is judged on (in addition to the first pair, whose
+# two processes are unlike: see diffperf.ab._across_pairs); it must be beyond the tolerance in every one.
+SINGLE_VALUE_PAIRS = 2
+
+
 def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: str, tolerance: float, alpha: float,
                  rounds: int, warmup_rounds: int, max_time_s: float, inject_slowdown: float, process_cv: float,
-                 timeout_s: float, seed: int, malloc: str, processes: int = 1):
-    """Re-measure a latency flag of the gate (``outcome``) as A/B against the baseline's commit.
+                 timeout_s: float, seed: int, malloc: str, processes: int = 1, memory_tolerance: float = 0.10,
+                 compile_tolerance: float = 0.25):
+    """Re-measure the gate's flags (``outcome``: latency, peak memory, compile time) as A/B against the
+    baseline's commit.
 
     ``sessions`` caches one :class:`diffperf.ab.AbSession` per baseline commit (the caller closes them).
-    Returns a new :class:`diffperf.gate.GateOutcome`: latency stays "regressed" when the A/B confirms it,
-    and also when nothing can clear it: no baseline commit, a commit missing from this clone, stack versions
-    that differ from the baseline's (one interpreter's A/B compares code, not an upgrade), a failed A/B, or
-    an A/B that is inconclusive. Only an A/B verdict "unchanged" or "improved" clears the flag (machine drift).
+    Returns a new :class:`diffperf.gate.GateOutcome` that fails while any flag stands. A latency flag stands
+    when the A/B confirms it, and also when nothing can clear it: no baseline commit, a commit missing from
+    this clone, stack versions that differ from the baseline's (one interpreter's A/B compares code, not an
+    upgrade), a failed A/B, or an A/B that is inconclusive. Only an A/B verdict "unchanged" or "improved"
+    clears it (machine drift). A peak-memory or compile-time flag is judged on :data:`SINGLE_VALUE_PAIRS`
+    fresh process pairs (:func:`diffperf.ab._across_pairs`): confirmed when the head is beyond the tolerance
+    in every pair, cleared when it is not, standing when no fresh pair measured it (``--perf-ab-processes 1``).
     """
-    from diffperf import ab
+    from diffperf import ab, stats
     from diffperf.gate import GateOutcome
     from diffperf.hardware import software_versions
 
     info = dict(outcome.info)
     commit = info.get("baseline_commit")
+    latency_flag = info.get("verdict") == "regressed"
+    singles = [(name, key) for name, key, _ in SINGLE_VALUE_FLAGS if info.get(f"{key}_verdict") == "regressed"]
     conf: dict[str, Any] = {"base_commit": commit, "flag_ratio": info.get("history_ratio", info.get("ratio"))}
-    cmp = None
+    cmp = got = None
     changes = stack_changes(info.get("baseline_versions"), software_versions())
     if not commit:
         why = "the baseline records no commit to measure against"
@@ -73,7 +87,8 @@ def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: s
                 session = sessions[commit] = ab.AbSession(settings)
             got = ab.pair_up(session, prepared, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds,
                              max_time_s=max_time_s, tolerance=tolerance, alpha=alpha,
-                             inject_slowdown=inject_slowdown, process_cv=process_cv)
+                             inject_slowdown=inject_slowdown, process_cv=process_cv,
+                             min_processes=1 + SINGLE_VALUE_PAIRS if singles else 0)
         except ab.AbError as exc:
             if isinstance(exc, ab.AbWorkerError) and commit in sessions:
                 sessions[commit].discard_worker()
@@ -86,47 +101,71 @@ def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: s
                         min_detectable_slowdown=cmp.min_detectable, pairs_seconds=got.pairs.seconds,
                         head_samples_s=got.pairs.head, base_samples_s=got.pairs.base,
                         head_commit=session.head_commit)
-            if cmp.verdict == "inconclusive":
-                why = "the A/B is inconclusive"
-    if cmp is not None and cmp.verdict == "regressed":
-        conf["outcome"], line = "confirmed", f"confirmed by interleaved A/B against baseline commit {commit[:12]}: "
-    elif why is None:
-        conf["outcome"], line = "machine drift", (f"not confirmed by interleaved A/B against baseline commit "
-                                                  f"{commit[:12]} (machine drift, not failing): ")
-    else:
-        conf["outcome"], line = "not confirmable", f"flag stands, not confirmable: {why}"
-        line += " (" if cmp is not None else ""
-    if cmp is not None:
-        line += cmp.describe() + (")" if conf["outcome"] == "not confirmable" else "")
+    where = f"against baseline commit {commit[:12]}" if commit else ""
+    flags: dict[str, str] = {}
+    lines: list[str] = []
+    if latency_flag:
+        lat_why = why or ("the A/B is inconclusive" if cmp.verdict == "inconclusive" else None)
+        if cmp is not None and cmp.verdict == "regressed":
+            flags["latency"], line = "confirmed", f"confirmed by interleaved A/B {where}: {cmp.describe()}"
+        elif lat_why is None:
+            flags["latency"], line = "machine drift", (f"not confirmed by interleaved A/B {where} (machine drift, "
+                                                       f"not failing): {cmp.describe()}")
+        else:
+            flags["latency"], line = "not confirmable", f"flag stands, not confirmable: {lat_why}"
+            line += f" ({cmp.describe()})" if cmp is not None else ""
+        lines.append(line)
+    for name, key in singles:
+        figures = [getattr(b, key) for b in (got.blocks[1:] if got is not None else ()) if getattr(b, key)]
+        tol = memory_tolerance if key == "memory" else compile_tolerance
+        verdict, line = (ab._across_pairs(name, figures, tol, stats.fmt_bytes if key == "memory"
+                                          else stats.fmt_seconds) if figures else ("not compared", None))
+        if verdict == "regressed":
+            flags[name] = "confirmed"
+            lines.append(f"{name} flag confirmed by interleaved A/B {where}: {line}")
+        elif verdict in ("unchanged", "improved"):
+            flags[name] = "machine drift"
+            lines.append(f"{name} flag not confirmed by interleaved A/B {where} (machine drift, not failing): {line}")
+            info[f"{key}_flag"], info[f"{key}_verdict"] = "regressed", verdict
+        else:
+            flags[name] = "not confirmable"
+            reason = why or line or (f"no fresh process pair measured it (--perf-ab-processes {processes}; its "
+                                     f"first pair's two processes are unlike)")
+            lines.append(f"{name} flag stands, not confirmable: {reason}")
+    conf["flags"] = flags
+    outcomes = set(flags.values())
+    conf["outcome"] = ("confirmed" if "confirmed" in outcomes else
+                       "machine drift" if outcomes == {"machine drift"} else "not confirmable")
     info["confirmation"] = conf
-    others = [name for name, key in (("peak memory", "memory_verdict"), ("compile time", "compile_verdict"))
-              if info.get(key) == "regressed"]
     head, *rest = outcome.message.splitlines()
-    if conf["outcome"] == "machine drift":
+    standing = [name for name, o in flags.items() if o != "machine drift"]
+    verdict = "regressed" if standing else info.get("verdict")
+    if flags.get("latency") == "machine drift":
         info["flag"], info["verdict"] = info.get("verdict"), cmp.verdict
-        where = f"{test_id} on {info.get('hardware_id')}"
-        head = (f"{where}: {' and '.join(others)} regressed" if others
-                else f"{where}: {cmp.verdict} (latency flag cleared by A/B)")
-        return GateOutcome(bool(others), "\n".join([head, *rest, "  " + line]), info, cmp.verdict)
-    return GateOutcome(True, "\n".join([head, *rest, "  " + line]), info, "regressed")
-
+        verdict = "regressed" if standing else cmp.verdict
+    if not standing:
+        cleared = " and ".join(flags)
+        head = f"{test_id} on {info.get('hardware_id')}: {info.get('verdict')} ({cleared} flag cleared by A/B)"
+    elif set(standing) != set(flags):
+        head = f"{test_id} on {info.get('hardware_id')}: {' and '.join(standing)} regressed"
+    return GateOutcome(bool(standing), "\n".join([head, *rest, *("  " + ln for ln in lines)]), info, verdict)
 
 
 def gate_flags(run) -> list[dict]:
     """The tests the gate flagged in ``run``: ``{"test", "commit", "what", "ratio", "inline"}``.
 
-    A latency flag the run already confirmed or cleared by A/B (``--perf-confirm ab``) carries that
-    confirmation as ``inline`` and is not measured again.
+    Flags the run already confirmed or cleared by A/B (``--perf-confirm ab``) carry that confirmation as
+    ``inline`` and are not measured again.
     """
     out = []
     for name, bench in run.benchmarks.items():
         gate = (bench.get("extra_info") or {}).get("gate") or {}
         conf = gate.get("confirmation") or {}
-        latency = gate.get("flag", gate.get("verdict"))
-        what = [k for k, v in (("latency", latency), ("peak memory", gate.get("memory_verdict")),
-                               ("compile time", gate.get("compile_verdict"))) if v == "regressed"]
+        what = [name for name, key in (("latency", ""), ("peak memory", "memory_"), ("compile time", "compile_"))
+                if gate.get(f"{key}flag", gate.get(f"{key}verdict")) == "regressed"]
         if what:
-            inline = conf if conf.get("outcome") in ("confirmed", "machine drift") and what == ["latency"] else None
+            covered = set(conf.get("flags") or ({"latency"} if conf else ()))  # older runs confirmed latency only
+            inline = conf if conf.get("outcome") in ("confirmed", "machine drift") and set(what) <= covered else None
             out.append({"test": name, "commit": gate.get("baseline_commit"), "what": what, "ratio": gate.get("ratio"),
                         "inline": inline})
     return out

@@ -212,9 +212,11 @@ def _close_all(workers: Sequence[ab.BaseWorker]) -> None:
 
 def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, rounds: int, warmup_rounds: int,
               max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float, process_cv: float,
-              ) -> tuple[list[Block], ab.PairedComparison, str | None]:
+              min_processes: int = 0) -> tuple[list[Block], ab.PairedComparison, str | None]:
     """Add process pairs to ``first`` while the verdict across them is undecided, up to ``--perf-ab-processes``;
-    none when the first pair alone rules out a change of the tolerance's size (:func:`settles_alone`).
+    none when the first pair alone rules out a change of the tolerance's size (:func:`settles_alone`) and
+    ``min_processes`` asks for no more (the confirmation of a peak-memory or compile-time flag does: those
+    are compared on the fresh pairs only).
 
     Returns the blocks, the combined comparison and why replication stopped early (``None`` when it did not):
     a further pair that does not fit on the device beside the test process' pipeline ends it, and the
@@ -222,12 +224,13 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
     """
     blocks = [first]
     most = session.settings.processes
+    least = min(max(MIN_PROCESSES, min_processes), most)
     settled = settles_alone(first.pairs.comparison)
-    if settled is not None:
+    if settled is not None and min_processes <= 1:
         return blocks, settled, None
     cmp = combine([first.pairs.comparison], tolerance=tolerance, alpha=alpha, process_cv=process_cv)
     stopped = None
-    while len(blocks) < most and (len(blocks) < MIN_PROCESSES or not cmp.decided):
+    while len(blocks) < most and (len(blocks) < least or not cmp.decided):
         try:
             ab.check_fits(prepared.case, 2 * prepared.cold_peak_bytes if prepared.cold_peak_bytes else None)
             blocks.append(measure_block(session, prepared.case, len(blocks) + 1, test_id=test_id, rounds=rounds,

@@ -233,9 +233,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="seconds the A/B base worker may take to answer one request (a build may take 30 min) before it is "
              "killed as hung. Default: 600.")
     add("--perf-confirm", type=_choice("confirm mode", CONFIRM_MODES), default="ab", metavar="MODE",
-        help="what a latency flag of the stored-baseline gate goes through before it fails the test: 'ab' measures "
-             "the case again as interleaved A/B against the commit of the baseline's latest run and fails only "
-             "when the A/B confirms (diffperf/ab_confirm.py), 'off' fails on the flag. Default: ab.")
+        help="what a flag of the stored-baseline gate (latency, peak memory, compile time) goes through before it "
+             "fails the test: 'ab' measures the case again as interleaved A/B against the commit of the baseline's "
+             "latest run and fails only when the A/B confirms (diffperf/ab_confirm.py), 'off' fails on the flag. "
+             "Default: ab.")
     add("--perf-ab-process-cv", type=parse_fraction("A/B process CV", 0.5), default=0.01, metavar="FRACTION",
         help="A/B: standard deviation of the fixed speed offset between two processes of the same tree (no number "
              "of pairs averages it away). Across process pairs it is the prior of their spread, weighed as 4 pairs; "

@@ -99,8 +99,7 @@ class PerfSession:
             rec["fidelity"]["reference"] = case.reference.recipe.tag()
         if self.gate is not None:
             outcome = self.gate.check(request.node.nodeid, rec["hardware_id"], rec, tolerance=tolerance)
-            if outcome.verdict == "regressed" and outcome.failed and ab_outcome is None and ab_error is None \
-                    and opt("perf_confirm") == "ab":
+            if outcome.failed and ab_outcome is None and ab_error is None and opt("perf_confirm") == "ab":
                 outcome = self.confirm(prepared, outcome, request.node.nodeid, tolerance)
             rec["gate"] = outcome.info
             rec["gate_message"] = outcome.message
@@ -118,7 +117,7 @@ class PerfSession:
         return rec
 
     def confirm(self, prepared, outcome, test_id: str, tolerance: float):
-        """The gate's latency flag re-measured as A/B against the baseline's commit (:mod:`diffperf.ab_confirm`)."""
+        """The gate's flags re-measured as A/B against the baseline's commit (:mod:`diffperf.ab_confirm`)."""
         from diffperf.ab_confirm import confirm_flag
 
         opt = self.config.getoption
@@ -128,7 +127,8 @@ class PerfSession:
             warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
             inject_slowdown=opt("perf_inject_slowdown"), process_cv=opt("perf_ab_process_cv"),
             timeout_s=opt("perf_ab_timeout"), seed=opt("perf_seed"), malloc=opt("perf_malloc"),
-            processes=opt("perf_ab_processes"))
+            processes=opt("perf_ab_processes"), memory_tolerance=opt("perf_memory_tolerance"),
+            compile_tolerance=opt("perf_compile_tolerance"))
 
     def close_ab(self) -> None:
         """Stop every A/B base worker and remove its worktree (--perf-ab-base and the inline confirmations)."""

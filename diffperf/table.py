@@ -83,7 +83,8 @@ def results_table(records: list[tuple[str, dict]], published_path=None) -> list[
     if any(row[9].endswith("*") for row in rows):
         out.append("* baseline history under 3 runs: the verdict ignores between-run drift (within-run noise only)")
     if any(row[8].endswith("†") for row in rows):
-        out.append("† the gate flagged this case's latency; an interleaved A/B against the baseline's commit did not "
-                   "confirm it (machine drift) or did (regressed); see the test's gate record")
+        out.append("† the gate flagged this case (latency, peak memory or compile time); an interleaved A/B against "
+                   "the baseline's commit did not confirm it (machine drift) or did (regressed); see the test's gate "
+                   "record")
     measured = [(f"{r['framework']}-{r['device']}-{r['case']['id']}", r, r["median_s"]) for _n, r in records]
     return out + [""] + published.run_figures(measured, path=published_path).text_lines()

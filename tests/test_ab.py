@@ -39,7 +39,12 @@ import sys as _sys
 
 # A fixed speed offset of the test process alone (A/B workers run diffperf_ab_worker.py): what a process's
 # memory layout does to a real pipeline, here by construction.
-_OFFSET = 1.0 if "diffperf_ab_worker" in _sys.argv[0] else float(os.environ.get("FAKE_AB_TEST_PROCESS_OFFSET", "1"))
+_IN_WORKER = "diffperf_ab_worker" in _sys.argv[0]
+_OFFSET = 1.0 if _IN_WORKER else float(os.environ.get("FAKE_AB_TEST_PROCESS_OFFSET", "1"))
+# A first call's extra seconds (a compile), and the test process' own factor on it (another job busy while
+# it compiled); a commit may set COMPILE_FACTOR (its code compiles longer).
+COMPILE_FACTOR = 1.0
+_COMPILE_OFFSET = 1.0 if _IN_WORKER else float(os.environ.get("FAKE_AB_TEST_PROCESS_COMPILE", "1"))
 
 
 def _ab_generate(self):
@@ -49,7 +54,9 @@ def _ab_generate(self):
         os._exit(3)
     if mode == "hang" and _calls[0] > 3:
         time.sleep(3600)
-    self.duration = float(os.environ.get("FAKE_DURATION", "0.02")) * SCALE * _OFFSET
+    first, self._called = not getattr(self, "_called", False), True
+    compile_s = float(os.environ.get("FAKE_COMPILE_S", "0")) * COMPILE_FACTOR * _COMPILE_OFFSET if first else 0.0
+    self.duration = float(os.environ.get("FAKE_DURATION", "0.02")) * SCALE * _OFFSET + compile_s
     return _generate(self)
 
 
@@ -693,6 +700,46 @@ def test_a_latency_flag_is_confirmed_inline_by_ab_against_the_baseline_commit(ab
         result.stdout.fnmatch_lines([f"*confirmed by interleaved A/B against baseline commit {baseline_commit[:12]}*"])
         assert conf["ratio"] > 1.25
         assert all(b["ratio"] > 1.25 for b in conf["blocks"])  # the injected slowdown reaches the head workers too
+    assert _worktrees(root) == [f"worktree {root}"]
+
+
+@pytest.mark.parametrize("change, ret, outcome", [
+    ("process", 0, "machine drift"),  # the test process alone compiled 2x slower (another job, a slow phase)
+    ("code", 1, "confirmed"),  # the next commit's code compiles 2x longer in every process
+])
+def test_a_compile_time_flag_is_confirmed_inline_on_fresh_process_pairs(ab_repo, monkeypatch, change, ret, outcome):
+    # Measured: from a fresh clone, the main command failed on TF XLA compile time 4.86 s against the latest
+    # baseline run's 3.04 s, the same code, while the machine ran its cases 1.3-1.8x slower.
+    root = ab_repo.path
+    run = [*RUN[:RUN.index("torch:fp32-sdpa")], "torch:fp32-sdpa-compiledefault",
+           *RUN[RUN.index("torch:fp32-sdpa") + 1:], "--perf-baselines-dir", str(root / "bl")]
+    monkeypatch.setenv("FAKE_COMPILE_S", "0.4")
+    assert ab_repo.runpytest_subprocess(*run, "--perf-update-baselines").ret == 0
+    baseline_commit = _git(root, "rev-parse", "HEAD").strip()
+    if change == "code":
+        (root / "pipelines" / "torch_diffusers.py").write_text(AB_BUILDER.format(tag="head", scale=1.0)
+                                                               + "\nCOMPILE_FACTOR = 2.0\n")
+        _git(root, "commit", "-qam", "compiles longer")
+    else:
+        monkeypatch.setenv("FAKE_AB_TEST_PROCESS_COMPILE", "2.0")
+    result = ab_repo.runpytest_subprocess(*run, "--benchmark-json", "run.json")
+    assert result.ret == ret, result.stdout.str()
+    extra = _bench_of(root / "run.json")["extra_info"]
+    gate, conf = extra["gate"], extra["gate"]["confirmation"]
+    assert conf["flags"] == {"compile time": outcome} and conf["outcome"] == outcome
+    assert conf["base_commit"] == baseline_commit and conf["processes"] >= 3
+    fresh = [b["compile"] for b in conf["blocks"][1:]]
+    assert len(fresh) >= 2 and all(c["head"] and c["base"] for c in fresh)
+    if change == "process":
+        assert gate["compile_flag"] == "regressed" and gate["compile_verdict"] == "unchanged"
+        assert "compile time flag not confirmed by interleaved A/B against baseline commit " \
+               f"{baseline_commit[:12]} (machine drift, not failing)" in extra["gate_message"]
+        assert all(0.75 < c["head"] / c["base"] < 1.25 for c in fresh)
+    else:
+        assert gate["compile_verdict"] == "regressed" and "compile_flag" not in gate
+        result.stdout.fnmatch_lines(["*compile time flag confirmed by interleaved A/B against baseline commit "
+                                     f"{baseline_commit[:12]}*"])
+        assert all(c["head"] / c["base"] > 1.5 for c in fresh)
     assert _worktrees(root) == [f"worktree {root}"]
 
 
