@@ -438,6 +438,7 @@ class AbSession:
         self.base_tree: Path | None = None
         self.base_python: str | None = None
         self.replicas: list = []  # workers of the further process pairs now running (closed on every exit path)
+        self.pool: dict = {}  # process pair index -> (head worker, base worker) kept for the next case
         self._closed = False
         self._old_sigterm = None
         self.head_commit = head_commit(settings.rootdir)
@@ -544,6 +545,7 @@ class AbSession:
             except Exception:  # pragma: no cover
                 pass
         self.replicas.clear()
+        self.pool.clear()
         if self.worktree is not None and self.settings.repo is not None:
             _git(self.settings.repo, "worktree", "remove", "--force", str(self.worktree), check=False)
         if self.scratch is not None:

@@ -38,6 +38,10 @@ PRIOR_DF = 4  # weight of the --perf-ab-process-cv prior on the between-pair var
 # lies inside the tolerance: measured offsets of one pair reached 5-6.5 % (fp32-classic, sd 2.7 %), so a
 # change of the tolerance's size cannot hide behind one at 3x the default 1 %.
 SETTLE_OFFSET_FACTOR = 3.0
+# Process pairs 2 .. 1 + POOL_PAIRS are kept for the next case (their pipelines released), so a run pays each
+# worker's start and imports once; further pairs are started for one case and closed. Measured on the 2-core
+# VM: a further pair's start, imports and build took 8-24 s a case, the build alone 0.2-9 s.
+POOL_PAIRS = 2
 
 
 @dataclasses.dataclass
@@ -136,14 +140,14 @@ def settles_alone(cmp: ab.PairedComparison) -> ab.PairedComparison | None:
 def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, rounds: int, warmup_rounds: int,
                   max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float,
                   process_cv: float) -> Block:
-    """Process pair ``index`` (>= 2): a fresh head worker and a fresh base worker build ``case``, are warmed and
-    measured in interleaved pairs, then closed. Raises :class:`diffperf.ab.AbError` (or ``AbDoesNotFit``)."""
-    scratch = session.scratch / f"pair{index}"
-    workers: list[ab.BaseWorker] = []
+    """Process pair ``index`` (>= 2): a head worker and a base worker build ``case``, are warmed and measured in
+    interleaved pairs; then their pipelines are released, and the pair is kept for the next case when it is one
+    of the first :data:`POOL_PAIRS` further pairs, else closed. The two workers of a pair have run the same
+    cases before, so their memory and compile figures compare. Raises :class:`diffperf.ab.AbError` (or
+    ``AbDoesNotFit``); a pair that raised is closed, and the next case starts a fresh one."""
+    head, base = _pair(session, index)
+    ok = False
     try:
-        (head, _), (base, _) = session.spawn_many([("head", scratch / "head"), ("base", scratch / "base")])
-        workers += [head, base]
-        session.replicas += workers
         timeout = max(session.settings.timeout_s, ab.BUILD_TIMEOUT_FLOOR_S)
         with ab._progress(f"A/B {case.id}: build in the head and base workers of process pair {index}"):
             head.send("build", case=case.as_dict(), **({"slowdown": inject_slowdown} if inject_slowdown else {}))
@@ -174,13 +178,46 @@ def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, roun
         (h_s, h_kind), (b_s, b_kind) = (ab._compile_figure(got[side], built[side].get("cold_start_s"), rounds_)
                                         for side, rounds_ in (("head", res.head), ("base", res.base)))
         compile_ = {"head": h_s, "base": b_s, "kind_head": h_kind, "kind_base": b_kind} if h_s or b_s else None
-        return Block(index, res, seed, head.proc.pid, base.proc.pid, built["head"].get("builder_file"),
-                     built["base"].get("builder_file"), memory, compile_)
+        block = Block(index, res, seed, head.proc.pid, base.proc.pid, built["head"].get("builder_file"),
+                      built["base"].get("builder_file"), memory, compile_)
+        ok = index - 1 <= POOL_PAIRS and _release_all((head, base))
+        return block
     finally:
-        _close_all(workers)
+        if not ok:
+            session.pool.pop(index, None)
+            _close_all((head, base))
+            for worker in (head, base):
+                if worker in session.replicas:
+                    session.replicas.remove(worker)
+
+
+def _pair(session: ab.AbSession, index: int) -> tuple[ab.BaseWorker, ab.BaseWorker]:
+    """Process pair ``index``'s head and base workers: the pooled ones when both are alive, else new ones."""
+    pooled = session.pool.get(index)
+    if pooled and all(w.proc.poll() is None and not w.busy for w in pooled):
+        return pooled
+    if pooled:
+        session.pool.pop(index)
+        _close_all(pooled)
+        session.replicas[:] = [w for w in session.replicas if w not in pooled]
+    scratch = session.scratch / f"pair{index}"
+    (head, _), (base, _) = session.spawn_many([("head", scratch / "head"), ("base", scratch / "base")])
+    session.replicas += [head, base]
+    if index - 1 <= POOL_PAIRS:
+        session.pool[index] = (head, base)
+    return head, base
+
+
+def _release_all(workers: Sequence[ab.BaseWorker]) -> bool:
+    """Ask every worker to release its pipeline, at once; whether all did."""
+    try:
         for worker in workers:
-            if worker in session.replicas:
-                session.replicas.remove(worker)
+            worker.send("release")
+        for worker in workers:
+            worker.receive("release", 60)
+    except ab.AbWorkerError:
+        return False
+    return True
 
 
 def _built(worker: ab.BaseWorker, case, timeout: float) -> dict:

@@ -477,6 +477,30 @@ def test_a_speed_offset_of_one_process_is_not_a_regression_across_process_pairs(
     result.stdout.fnmatch_lines([f"*process pair {a['processes']}*"])
 
 
+def test_further_process_pairs_are_kept_for_the_next_case_and_closed_at_the_end(ab_repo, monkeypatch):
+    from diffperf.ab_replicate import POOL_PAIRS
+
+    monkeypatch.setenv("FAKE_AB_TEST_PROCESS_OFFSET", "1.12")  # every case needs further pairs
+    args = [*RUN, "--perf-recipes", "torch:fp32-sdpa,torch:fp32-classic", "--perf-ab-python", sys.executable,
+            "--benchmark-json", "out.json"]
+    result = ab_repo.runpytest_subprocess(*args)
+    assert result.ret == 0, result.stdout.str()
+    runs = [b["extra_info"]["ab"] for b in json.loads((ab_repo.path / "out.json").read_text())["benchmarks"]]
+    assert len(runs) == 2 and all(a["processes"] >= 3 for a in runs)
+    pids = [{b["index"]: (b["head_pid"], b["base_pid"]) for b in a["blocks"]} for a in runs]
+    for index in range(1, 2 + POOL_PAIRS):  # the test process and base worker, then the pooled pairs: kept
+        assert pids[0][index] == pids[1][index]
+    for index in set(pids[0]) & set(pids[1]) - set(range(1, 2 + POOL_PAIRS)):  # further ones are started anew
+        assert pids[0][index] != pids[1][index]
+    for case_pids in pids:  # within a case every pair is its own two processes
+        flat = [p for pair in case_pids.values() for p in pair]
+        assert len(set(flat)) == len(flat)
+    for pid in {p for case_pids in pids for pair in case_pids.values() for p in pair} - {os.getpid()}:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert _worktrees(ab_repo.path) == [f"worktree {ab_repo.path}"]
+
+
 def test_python_option_alone_runs_the_head_tree_in_that_interpreter(ab_repo):
     result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-python", sys.executable, "--benchmark-json", "out.json")
     assert result.ret == 0, result.stdout.str()
