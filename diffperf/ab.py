@@ -727,7 +727,8 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
 def _across_pairs(name: str, pairs: Sequence[dict], tolerance: float, fmt) -> tuple[str, str | None]:
     """A single-value figure (peak memory, compile seconds) judged on the further process pairs: "regressed"
     when the head's figure is beyond the tolerance in every one of them, "improved" the mirror image, else
-    "unchanged".
+    "unchanged"; a change seen in fewer than :data:`diffperf.ab_replicate.MIN_FRESH_SINGLE` pairs is
+    "inconclusive" (it does not fail the test).
 
     Note: the first pair is the test process and the base worker, and what a process ran before a case moves
     its figures (measured, same tree: TF XLA tiny grew 203 MiB in the test process and 171 MiB in the base
@@ -740,6 +741,8 @@ def _across_pairs(name: str, pairs: Sequence[dict], tolerance: float, fmt) -> tu
     usable = [p for p in pairs if p.get("head") and p.get("base")]
     if not usable:
         return "not compared", None
+    from diffperf.ab_replicate import MIN_FRESH_SINGLE
+
     ratios = [p["head"] / p["base"] for p in usable]
     if min(ratios) > 1 + tolerance:
         verdict = "regressed"
@@ -747,9 +750,12 @@ def _across_pairs(name: str, pairs: Sequence[dict], tolerance: float, fmt) -> tu
         verdict = "improved"
     else:
         verdict = "unchanged"
+    few = verdict != "unchanged" and len(usable) < MIN_FRESH_SINGLE
+    verdict = "inconclusive" if few else verdict
     shown = ", ".join(f"{fmt(p['head'])} vs {fmt(p['base'])}" for p in usable)
     return verdict, (f"{name} (head vs base) {verdict} across {len(usable)} fresh process pair(s): {shown}, "
-                     f"ratios {', '.join(f'{r:.3f}' for r in ratios)} (tolerance {tolerance:.0%} in every pair)")
+                     f"ratios {', '.join(f'{r:.3f}' for r in ratios)} (tolerance {tolerance:.0%} in every pair"
+                     + (f"; {MIN_FRESH_SINGLE} pairs needed to call it)" if few else ")"))
 
 
 def _compile_figure(base_stats: dict, cold_s: float | None, steady: Sequence[float]) -> tuple[float | None, str | None]:
@@ -781,11 +787,13 @@ class Paired:
 
 def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
             tolerance: float, alpha: float, inject_slowdown: float = 0.0, process_cv: float = PROCESS_CV,
-            min_processes: int = 0) -> Paired:
+            min_processes: int = 0, memory_tolerance: float | None = None,
+            compile_tolerance: float | None = None) -> Paired:
     """Build ``prepared``'s case in the base worker, warm both sides and take the pairs; the base pipeline is
     released afterwards. With ``--perf-ab-processes`` above 1, further process pairs follow
     (:func:`diffperf.ab_replicate.replicate`, at least ``min_processes`` pairs in all, within
-    ``--perf-ab-processes``) and the verdict is theirs together.
+    ``--perf-ab-processes``; more while a peak-memory or compile-time figure is beyond ``memory_tolerance`` /
+    ``compile_tolerance`` in fewer than two fresh pairs) and the verdict is theirs together.
     Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`."""
     from diffperf import harness
     from diffperf.timing import timed_call
@@ -830,10 +838,19 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
     from diffperf import ab_replicate
 
     first = ab_replicate.Block(1, res, seed, os.getpid(), worker.proc.pid, None, base_built.get("builder_file"))
+    info = runner.compile_info() if hasattr(runner, "compile_info") else {}
+    head_compile, head_compile_kind = harness.compile_figure(prepared.cold_start_s, float(np.median(res.head)), info,
+                                                             harness.case_compiles(case, info))
+    base_compile, base_compile_kind = _compile_figure(base_stats, base_built.get("cold_start_s"), res.base)
+    figures = {"memory": {"head": head_peak, "base": base_stats.get("steady_peak_bytes"), "kind_head": head_kind,
+                          "kind_base": base_stats.get("memory_kind")},
+               "compile": {"head": head_compile, "base": base_compile, "kind_head": head_compile_kind,
+                           "kind_base": base_compile_kind}}
     blocks, cmp, stopped = ab_replicate.replicate(
         ab, prepared, first, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
         tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv,
-        min_processes=min_processes)
+        min_processes=min_processes, first_figures=figures,
+        tolerances={"memory": memory_tolerance, "compile": compile_tolerance})
     return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, cmp, blocks, stopped)
 
 
@@ -851,7 +868,8 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
 
     runner = prepared.runner
     got = pair_up(ab, prepared, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
-                  tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv)
+                  tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv,
+                  memory_tolerance=memory_tolerance, compile_tolerance=compile_tolerance)
     res, seed, base_built, base_stats = got.pairs, got.seed, got.base_built, got.base_stats
     if benchmark is not None:
         _record_rounds(benchmark, res.head)

@@ -42,6 +42,10 @@ SETTLE_OFFSET_FACTOR = 3.0
 # worker's start and imports once; further pairs are started for one case and closed. Measured on the 2-core
 # VM: a further pair's start, imports and build took 8-24 s a case, the build alone 0.2-9 s.
 POOL_PAIRS = 2
+# Fresh process pairs a peak-memory or compile-time difference beyond its tolerance must show in before it is
+# "regressed": one pair's figures are one draw each (measured, A/A: JAX jit compile 1.81 vs 1.45 s, JAX AOT
+# peak 164 vs 147 MiB in one pair), so a figure beyond its tolerance in the first fresh pair takes another.
+MIN_FRESH_SINGLE = 2
 
 
 @dataclasses.dataclass
@@ -247,12 +251,35 @@ def _close_all(workers: Sequence[ab.BaseWorker]) -> None:
         worker.close()
 
 
+def single_values_pending(first: dict, blocks: Sequence[Block], tolerances: dict) -> bool:
+    """Whether a peak-memory or compile-time figure beyond its tolerance (``tolerances``: ``{"memory": ...,
+    "compile": ...}``) has fewer than :data:`MIN_FRESH_SINGLE` fresh pairs to be judged on: in a fresh pair,
+    or, before any, in ``first`` (the first pair's figures, whose two processes are unlike)."""
+    for key, tol in tolerances.items():
+        if tol is None:
+            continue
+        figures = [getattr(b, key) for b in blocks[1:] if getattr(b, key)]
+        if len(figures) >= MIN_FRESH_SINGLE:
+            continue
+        if any(_beyond(f, tol) for f in figures or [first.get(key)]):
+            return True
+    return False
+
+
+def _beyond(figure: dict | None, tol: float) -> bool:
+    if not figure or not figure.get("head") or not figure.get("base"):
+        return False
+    return figure.get("kind_head") == figure.get("kind_base") and figure["head"] / figure["base"] > 1 + tol
+
+
 def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, rounds: int, warmup_rounds: int,
               max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float, process_cv: float,
-              min_processes: int = 0) -> tuple[list[Block], ab.PairedComparison, str | None]:
+              min_processes: int = 0, first_figures: dict | None = None, tolerances: dict | None = None,
+              ) -> tuple[list[Block], ab.PairedComparison, str | None]:
     """Add process pairs to ``first`` while the verdict across them is undecided, up to ``--perf-ab-processes``;
     none when the first pair alone rules out a change of the tolerance's size (:func:`settles_alone`) and
-    ``min_processes`` asks for no more (the confirmation of a peak-memory or compile-time flag does: those
+    nothing else asks for more: ``min_processes`` (the confirmation of a peak-memory or compile-time flag), or
+    a peak-memory or compile-time figure beyond its tolerance (:func:`single_values_pending`; those figures
     are compared on the fresh pairs only).
 
     Returns the blocks, the combined comparison and why replication stopped early (``None`` when it did not):
@@ -262,12 +289,16 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
     blocks = [first]
     most = session.settings.processes
     least = min(max(MIN_PROCESSES, min_processes), most)
+
+    def pending() -> bool:
+        return single_values_pending(first_figures or {}, blocks, tolerances or {})
+
     settled = settles_alone(first.pairs.comparison)
-    if settled is not None and min_processes <= 1:
+    if settled is not None and min_processes <= 1 and not pending():
         return blocks, settled, None
     cmp = combine([first.pairs.comparison], tolerance=tolerance, alpha=alpha, process_cv=process_cv)
     stopped = None
-    while len(blocks) < most and (len(blocks) < least or not cmp.decided):
+    while len(blocks) < most and (len(blocks) < least or not cmp.decided or pending()):
         try:
             ab.check_fits(prepared.case, 2 * prepared.cold_peak_bytes if prepared.cold_peak_bytes else None)
             blocks.append(measure_block(session, prepared.case, len(blocks) + 1, test_id=test_id, rounds=rounds,

@@ -1,7 +1,8 @@
 """One side of an interleaved A/B run in a process of its own, holding one built pipeline at a time.
 
 The base worker is long-lived (every case's first process pair); the further process pairs of
-:mod:`diffperf.ab_replicate` start a head worker and a base worker per pair and close them after it.
+:mod:`diffperf.ab_replicate` are a head worker and a base worker each, the first ones kept from case to case
+(their pipelines released), later ones closed after the case.
 Started by :mod:`diffperf.ab` as ``<python> <copy of this file>`` with its side's tree as its working
 directory and first on ``PYTHONPATH``, so a base worker imports the *base tree's* ``diffperf`` and ``pipelines``.
 This file is copied next to the base worktree before it is run: the base revision may predate A/B, so

@@ -181,6 +181,12 @@ def slowed(call: Callable[[], Any], fraction: float, sync: Callable[[], None]) -
     return target
 
 
+def case_compiles(case, compile_info: dict) -> bool:
+    """Whether the case's first call compiles: the runner says so, or its recipe asks for a compiler."""
+    return bool(compile_info.get("compiles")) or any(
+        getattr(case.recipe, f, None) for f in ("compile_mode", "jit_compile", "mode"))
+
+
 def compile_figure(cold_start_s: float, median_s: float, compile_info: dict, compiles: bool) -> tuple[float | None, str | None]:
     """The compile seconds a record reports and gates, and which figure it is.
 
@@ -205,9 +211,7 @@ def record(prepared: Prepared, samples: list[float], steady_peak: int | None, br
     devices = int(compile_info.get("devices", 1) or 1)
     spec = framework_spec(case.framework)
     ladder = list(spec.named.get("ladder", ()))
-    compiles = bool(compile_info.get("compiles")) or any(
-        getattr(case.recipe, f, None) for f in ("compile_mode", "jit_compile", "mode")
-    )
+    compiles = case_compiles(case, compile_info)
     median_breakdown = {}
     if breakdowns:
         for key in breakdowns[0]:

@@ -903,3 +903,60 @@ def test_memory_across_process_pairs_ignores_the_first_pairs_unlike_processes_bu
     out = ab.judge("t", slow, fast, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
                    compile_pairs=[{"head": 6.3, "base": 4.2} | k, {"head": 6.1, "base": 4.4} | k])
     assert out.failed and out.info["compile_verdict"] == "regressed"
+
+
+def test_a_single_value_change_in_one_fresh_pair_takes_another_before_it_fails():
+    # Measured A/A (the default CPU matrix, same tree): one fresh pair alone called JAX jit compile time
+    # (1.81 vs 1.45 s) and JAX AOT peak memory (164 vs 147 MiB) "regressed", and failed the run.
+    from types import SimpleNamespace
+
+    from diffperf import ab_replicate
+
+    cmp = ab.paired_compare(*_pairs(1.0, 20, 0.01, 1), tolerance=0.1, alpha=0.01)
+    k = {"kind_head": "cold-start-excess", "kind_base": "cold-start-excess"}
+    side = {"compile_s": 1.8, "compile_kind": "cold-start-excess"}
+    one = ab.judge("t", side, side, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
+                   compile_pairs=[{"head": 1.82, "base": 1.45} | k])  # ratio 1.255
+    assert not one.failed and one.info["compile_verdict"] == "inconclusive"
+    assert "2 pairs needed to call it" in one.message
+
+    beyond, within = {"head": 1.82, "base": 1.45} | k, {"head": 1.50, "base": 1.45} | k
+    tol = {"memory": 0.1, "compile": 0.25}
+
+    def block(index, figure=None):
+        head, base = _offset_pairs(1.0, 0.005, n=16)
+        pc = ab.paired_compare(head, base, tolerance=0.1, alpha=0.01)
+        return ab_replicate.Block(index, ab.PairsResult(head, base, ["HB"] * 16, pc, [], [], 1.0), 0, index, -index,
+                                  compile=figure)
+
+    pending = ab_replicate.single_values_pending
+    assert pending({"compile": beyond}, [block(1)], tol)  # the first pair's unlike processes: fresh pairs judge
+    assert not pending({"compile": within}, [block(1)], tol)
+    assert not pending({"compile": beyond | {"kind_head": "ahead-of-time"}}, [block(1)], tol)
+    assert pending({}, [block(1), block(2, beyond)], tol)  # beyond in one fresh pair: one more
+    assert not pending({}, [block(1), block(2, within)], tol)
+    assert not pending({}, [block(1), block(2, beyond), block(3, beyond)], tol)  # two pairs: judged
+    assert not pending({"compile": beyond}, [block(1)], {"memory": 0.1, "compile": None})
+
+    # replicate: the first pair settles latency alone, but its compile figures take two fresh pairs.
+    figures = iter([beyond, beyond])
+    calls = []
+
+    def fake_block(session, case, index, **kw):
+        calls.append(index)
+        return block(index, next(figures))
+
+    prepared = SimpleNamespace(case=SimpleNamespace(device="cpu", id="c"), cold_peak_bytes=None)
+    kw = dict(test_id="t", rounds=16, warmup_rounds=0, max_time_s=60, tolerance=0.1, alpha=0.01, inject_slowdown=0.0,
+              process_cv=0.01)
+    session = SimpleNamespace(settings=SimpleNamespace(processes=12))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ab_replicate, "measure_block", fake_block)
+        blocks, got, _ = ab_replicate.replicate(session, prepared, block(1), **kw)
+        assert calls == [] and got.processes == 1  # settled alone, nothing else asked
+        blocks, got, _ = ab_replicate.replicate(session, prepared, block(1), **kw, first_figures={"compile": beyond},
+                                                tolerances=tol)
+        assert calls == [2, 3] and len(blocks) == 3 and got.verdict == "unchanged"
+    out = ab.judge("t", side, side, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
+                   compile_pairs=[b.compile for b in blocks[1:]])
+    assert out.failed and out.info["compile_verdict"] == "regressed"
