@@ -193,42 +193,32 @@ def migrate_entry(entry: Any) -> Any:
     return entry
 
 
+def _like_runs(entry: dict, compile_cache: str | None, first_in_process: bool | None) -> list[dict]:
+    """The history's runs with the same compile-cache state (a run that does not record one matches) and the
+    same process context: ``first_in_process``, the case was the first pipeline of its framework in its
+    process (a run that does not say so was not: the fp32 reference is built first by default)."""
+    return [item for item in entry.get("history") or []
+            if not (compile_cache and item.get("compile_cache") and item["compile_cache"] != compile_cache)
+            and bool(first_in_process) == bool(item.get("first_in_process"))]
+
+
 def history_memory(entry: dict, memory_kind: str | None, compile_cache: str | None,
                    first_in_process: bool | None = None) -> list[float]:
     """The steady peak memory of the history's runs measured as ``memory_kind`` with the same compile-cache
-    state and process context (a run that predates memory in the history, or another kind, state or
-    context, is left out). ``first_in_process``: the case was the first pipeline of its framework in its
-    process (a run that does not say so was not: the fp32 reference is built first by default)."""
-    out = []
-    for item in entry.get("history") or []:
-        value = item.get("peak_memory_bytes")
-        if not isinstance(value, (int, float)) or value <= 0 or item.get("memory_kind") != memory_kind:
-            continue
-        if compile_cache and item.get("compile_cache") and item["compile_cache"] != compile_cache:
-            continue
-        if bool(first_in_process) != bool(item.get("first_in_process")):
-            continue
-        out.append(float(value))
-    return out
+    state and process context (:func:`_like_runs`; a run that predates memory in the history, or another
+    kind, is left out)."""
+    return [float(item["peak_memory_bytes"]) for item in _like_runs(entry, compile_cache, first_in_process)
+            if _positive_number(item.get("peak_memory_bytes")) and item.get("memory_kind") == memory_kind]
 
 
 def history_compile(entry: dict, compile_kind: str | None, compile_cache: str | None,
                     first_in_process: bool | None = None) -> list[float]:
     """The compile seconds of the history's runs of the same figure (``compile_kind``; an item without one
-    holds the cold-start excess), compile-cache state and process context, as :func:`history_memory` selects."""
-    out = []
-    for item in entry.get("history") or []:
-        value = item.get("compile_s")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            continue
-        if (item.get("compile_kind") or "cold-start-excess") != (compile_kind or "cold-start-excess"):
-            continue
-        if compile_cache and item.get("compile_cache") and item["compile_cache"] != compile_cache:
-            continue
-        if bool(first_in_process) != bool(item.get("first_in_process")):
-            continue
-        out.append(float(value))
-    return out
+    holds the cold-start excess), compile-cache state and process context (:func:`_like_runs`)."""
+    kind = compile_kind or "cold-start-excess"
+    return [float(item["compile_s"]) for item in _like_runs(entry, compile_cache, first_in_process)
+            if isinstance(item.get("compile_s"), (int, float)) and not isinstance(item["compile_s"], bool)
+            and item["compile_s"] >= 0 and (item.get("compile_kind") or "cold-start-excess") == kind]
 
 
 def history_medians(entry: dict) -> list[float]:
