@@ -783,6 +783,7 @@ class Paired:
     comparison: PairedComparison  # the verdict: the first pair's own, or across process pairs (ab_replicate)
     blocks: list = dataclasses.field(default_factory=list)  # ab_replicate.Block per process pair, when replicated
     replication_stopped: str | None = None
+    base_compile: tuple = (None, None)  # the base worker's compile seconds and their kind (_compile_figure)
 
 
 def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
@@ -833,25 +834,27 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
                 worker.request("release")
             except AbWorkerError:
                 pass
+    base_compile = _compile_figure(base_stats, base_built.get("cold_start_s"), res.base)
     if ab.settings.processes <= 1:
-        return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, res.comparison)
+        return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, res.comparison,
+                      base_compile=base_compile)
     from diffperf import ab_replicate
 
     first = ab_replicate.Block(1, res, seed, os.getpid(), worker.proc.pid, None, base_built.get("builder_file"))
     info = runner.compile_info() if hasattr(runner, "compile_info") else {}
     head_compile, head_compile_kind = harness.compile_figure(prepared.cold_start_s, float(np.median(res.head)), info,
                                                              harness.case_compiles(case, info))
-    base_compile, base_compile_kind = _compile_figure(base_stats, base_built.get("cold_start_s"), res.base)
     figures = {"memory": {"head": head_peak, "base": base_stats.get("steady_peak_bytes"), "kind_head": head_kind,
                           "kind_base": base_stats.get("memory_kind")},
-               "compile": {"head": head_compile, "base": base_compile, "kind_head": head_compile_kind,
-                           "kind_base": base_compile_kind}}
+               "compile": {"head": head_compile, "base": base_compile[0], "kind_head": head_compile_kind,
+                           "kind_base": base_compile[1]}}
     blocks, cmp, stopped = ab_replicate.replicate(
         ab, prepared, first, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
         tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv,
         min_processes=min_processes, first_figures=figures,
         tolerances={"memory": memory_tolerance, "compile": compile_tolerance})
-    return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, cmp, blocks, stopped)
+    return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, cmp, blocks, stopped,
+                  base_compile)
 
 
 def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
@@ -880,7 +883,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                  "peak_memory_bytes": rec["peak_memory_bytes"], "memory_kind": rec.get("memory_kind"),
                  "warmup_s": got.head_warm, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     hello = ab.hello or {}
-    base_compile, base_compile_kind = _compile_figure(base_stats, base_built.get("cold_start_s"), res.base)
+    base_compile, base_compile_kind = got.base_compile
     base_side = {"versions": hello.get("versions"), "python": hello.get("python"),
                  "cold_start_s": base_built.get("cold_start_s"), "build_s": base_built.get("build_s"),
                  "compile_s": base_compile, "compile_kind": base_compile_kind,
