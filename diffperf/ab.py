@@ -813,7 +813,7 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
                         process_cv=process_cv, min_processes=min_processes, memory_tolerance=memory_tolerance,
                         compile_tolerance=compile_tolerance)
     except BaseException:
-        if early is not None and not early.taken:
+        if early is not None and early.head.busy:
             ab_replicate.abandon(ab, early)
         raise
 
@@ -826,10 +826,6 @@ def _pair_up(ab: AbSession, prepared, early, *, test_id: str, rounds: int, warmu
 
     case, runner = prepared.case, prepared.runner
     base_built = ab.build(case, beside=f"process pair {early.index}'s two workers" if early else None)
-    if early is not None:
-        from diffperf import ab_replicate
-
-        ab_replicate.await_early(early, case, ab.settings.timeout_s)  # before any round is timed
     worker = ab.worker
     try:
         call = harness.slowed(runner.generate, inject_slowdown, runner.synchronize)

@@ -148,17 +148,14 @@ class Early:
     index: int
     head: ab.BaseWorker
     base: ab.BaseWorker
-    built: dict | None = None  # each side's build answer, once :func:`await_early` has them
-    taken: bool = False  # measured as a block (:func:`measure_block` took it): else closed when the case ends
 
 
 def build_early(session: ab.AbSession, case, cold_peak_bytes: int | None, inject_slowdown: float) -> Early | None:
     """Start process pair 2's two builds of ``case`` now, so they run at the same time as the base worker's build
     of the first pair's side; ``None`` when the device has no room for all three copies beside the head's.
 
-    Note: nothing is timed while the three build (the head's cold start is already measured; the first pair's
-    rounds wait for all three builds, :func:`await_early`), and the fresh pair's two workers build at once
-    anyway, alike. The base worker's cold start is then not a figure
+    Note: nothing of the head is timed while the three build (the head's cold start is already measured), and
+    the fresh pair's two workers build at once anyway, alike. The base worker's cold start is then not a figure
     of its own (the record says so): in a replicated A/B, peak memory and compile time are judged on the fresh
     pairs, and the pair built early is always measured (one pair never settles the case alone). Measured on the
     2-core VM: the three builds at once took 32, 27 and 9 s where the base worker's build and then the fresh
@@ -175,12 +172,6 @@ def build_early(session: ab.AbSession, case, cold_peak_bytes: int | None, inject
         abandon(session, Early(2, head, base))
         raise
     return Early(2, head, base)
-
-
-def await_early(early: Early, case, timeout_s: float) -> None:
-    """Wait until both builds of the pair built early are done: no round is timed while a process builds."""
-    with ab._progress(f"A/B {case.id}: build in the head and base workers of process pair {early.index}"):
-        early.built = {w.side: _built(w, case, max(timeout_s, ab.BUILD_TIMEOUT_FLOOR_S)) for w in (early.head, early.base)}
 
 
 def abandon(session: ab.AbSession, early: Early | None) -> None:
@@ -210,13 +201,10 @@ def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, roun
     ok = False
     try:
         timeout = max(session.settings.timeout_s, ab.BUILD_TIMEOUT_FLOOR_S)
-        if early is not None and early.built is not None:
-            built, early.taken = early.built, True
-        else:
-            with ab._progress(f"A/B {case.id}: build in the head and base workers of process pair {index}"):
-                if early is None:
-                    _send_builds(head, base, case, inject_slowdown)
-                built = {w.side: _built(w, case, timeout) for w in (head, base)}
+        with ab._progress(f"A/B {case.id}: build in the head and base workers of process pair {index}"):
+            if early is None:
+                _send_builds(head, base, case, inject_slowdown)
+            built = {w.side: _built(w, case, timeout) for w in (head, base)}
 
         def head_round() -> float:
             return float(head.request("round")["seconds"])
@@ -364,7 +352,7 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
                           warmup_rounds=warmup_rounds, max_time_s=max_time_s, tolerance=tolerance, alpha=alpha,
                           inject_slowdown=inject_slowdown, process_cv=process_cv)
     finally:
-        if early is not None and not early.taken:  # not measured: an error came first
+        if early is not None and early.head.busy:  # not measured (an error came first): its builds may still run
             abandon(session, early)
 
 
