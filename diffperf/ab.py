@@ -561,16 +561,13 @@ class AbSession:
 
     # -- one case ----------------------------------------------------------------------------------
 
-    def build(self, case, beside: str | None = None) -> dict:
-        """Build ``case`` in the worker; a device-memory failure becomes :class:`AbDoesNotFit`. ``beside``: what
-        builds at the same time (then recorded as ``built_beside``: the cold start is not the worker's alone)."""
+    def build(self, case) -> dict:
+        """Build ``case`` in the worker; a device-memory failure becomes :class:`AbDoesNotFit`."""
         worker = self.start()
         try:
-            with _progress(f"A/B base {case.id}: build and first call in the base worker"
-                           + (f", at the same time as {beside}" if beside else "")):
-                built = worker.request("build", timeout_s=max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S),
-                                       case=case.as_dict())
-                return dict(built, built_beside=beside) if beside else built
+            with _progress(f"A/B base {case.id}: build and first call in the base worker"):
+                return worker.request("build", timeout_s=max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S),
+                                      case=case.as_dict())
         except AbWorkerError as exc:
             raise build_error(exc, case, "base", self.hello.get("python") if self.hello else "?",
                               "next to the head's pipeline") from None
@@ -797,35 +794,14 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
     released afterwards. With ``--perf-ab-processes`` above 1, further process pairs follow
     (:func:`diffperf.ab_replicate.replicate`, at least ``min_processes`` pairs in all, within
     ``--perf-ab-processes``; more while a peak-memory or compile-time figure is beyond ``memory_tolerance`` /
-    ``compile_tolerance`` in fewer than two fresh pairs) and the verdict is theirs together; process pair 2
-    then builds at the same time as the base worker (:func:`diffperf.ab_replicate.build_early`).
+    ``compile_tolerance`` in fewer than two fresh pairs) and the verdict is theirs together.
     Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`."""
-    case = prepared.case
-    check_fits(case, prepared.cold_peak_bytes)
-    early = None
-    if ab.settings.processes > 1:
-        from diffperf import ab_replicate
-
-        early = ab_replicate.build_early(ab, case, prepared.cold_peak_bytes, inject_slowdown)
-    try:
-        return _pair_up(ab, prepared, early, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds,
-                        max_time_s=max_time_s, tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown,
-                        process_cv=process_cv, min_processes=min_processes, memory_tolerance=memory_tolerance,
-                        compile_tolerance=compile_tolerance)
-    except BaseException:
-        if early is not None and early.head.busy:
-            ab_replicate.abandon(ab, early)
-        raise
-
-
-def _pair_up(ab: AbSession, prepared, early, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
-             tolerance: float, alpha: float, inject_slowdown: float, process_cv: float, min_processes: int,
-             memory_tolerance: float | None, compile_tolerance: float | None) -> Paired:
     from diffperf import harness
     from diffperf.timing import timed_call
 
     case, runner = prepared.case, prepared.runner
-    base_built = ab.build(case, beside=f"process pair {early.index}'s two workers" if early else None)
+    check_fits(case, prepared.cold_peak_bytes)
+    base_built = ab.build(case)
     worker = ab.worker
     try:
         call = harness.slowed(runner.generate, inject_slowdown, runner.synchronize)
@@ -876,7 +852,7 @@ def _pair_up(ab: AbSession, prepared, early, *, test_id: str, rounds: int, warmu
         ab, prepared, first, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
         tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv,
         min_processes=min_processes, first_figures=figures,
-        tolerances={"memory": memory_tolerance, "compile": compile_tolerance}, early=early)
+        tolerances={"memory": memory_tolerance, "compile": compile_tolerance})
     return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, cmp, blocks, stopped,
                   base_compile)
 
@@ -910,7 +886,6 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     base_compile, base_compile_kind = got.base_compile
     base_side = {"versions": hello.get("versions"), "python": hello.get("python"),
                  "cold_start_s": base_built.get("cold_start_s"), "build_s": base_built.get("build_s"),
-                 "built_beside": base_built.get("built_beside"),
                  "compile_s": base_compile, "compile_kind": base_compile_kind,
                  "peak_memory_bytes": {"cold": base_built.get("cold_peak_bytes"),
                                        "steady": base_stats.get("steady_peak_bytes")},

@@ -141,69 +141,21 @@ def settles_alone(cmp: ab.PairedComparison) -> ab.PairedComparison | None:
                                replicated=True, block_ratios=(cmp.ratio,))
 
 
-@dataclasses.dataclass
-class Early:
-    """Process pair 2, its two builds sent while the base worker builds the first pair's side (:func:`build_early`)."""
-
-    index: int
-    head: ab.BaseWorker
-    base: ab.BaseWorker
-
-
-def build_early(session: ab.AbSession, case, cold_peak_bytes: int | None, inject_slowdown: float) -> Early | None:
-    """Start process pair 2's two builds of ``case`` now, so they run at the same time as the base worker's build
-    of the first pair's side; ``None`` when the device has no room for all three copies beside the head's.
-
-    Note: nothing of the head is timed while the three build (the head's cold start is already measured), and
-    the fresh pair's two workers build at once anyway, alike. The base worker's cold start is then not a figure
-    of its own (the record says so): in a replicated A/B, peak memory and compile time are judged on the fresh
-    pairs, and the pair built early is always measured (one pair never settles the case alone). Measured on the
-    2-core VM: the three builds at once took 32, 27 and 9 s where the base worker's build and then the fresh
-    pair's took 36, 33 and 11 s (torch.compile, TF XLA, JAX jit tiny)."""
-    try:
-        ab.check_fits(case, 3 * cold_peak_bytes if cold_peak_bytes else None)
-    except ab.AbDoesNotFit:
-        return None
-    session.start()  # the worktree and scratch folder, and the base worker, before the pair's workers
-    head, base = _pair(session, 2)
-    try:
-        _send_builds(head, base, case, inject_slowdown)
-    except ab.AbError:
-        abandon(session, Early(2, head, base))
-        raise
-    return Early(2, head, base)
-
-
-def abandon(session: ab.AbSession, early: Early | None) -> None:
-    """Close a pair built early whose case ended before it was measured (its builds may still be running)."""
-    if early is None:
-        return
-    session.pool.pop(early.index, None)
-    _close_all((early.head, early.base))
-    session.replicas[:] = [w for w in session.replicas if w not in (early.head, early.base)]
-
-
-def _send_builds(head: ab.BaseWorker, base: ab.BaseWorker, case, inject_slowdown: float) -> None:
-    head.send("build", case=case.as_dict(), **({"slowdown": inject_slowdown} if inject_slowdown else {}))
-    base.send("build", case=case.as_dict())  # both build at once: nothing is being timed yet
-
-
 def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, rounds: int, warmup_rounds: int,
                   max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float,
-                  process_cv: float, early: Early | None = None) -> Block:
-    """Process pair ``index`` (>= 2): a head worker and a base worker build ``case`` (or have built it: ``early``),
-    are warmed and measured in interleaved pairs; then their pipelines are released, and the pair is kept for
-    the next case when it is one of the first :data:`POOL_PAIRS` further pairs, else closed. The two workers of
-    a pair have run the same cases before, so their memory and compile figures compare. Raises
-    :class:`diffperf.ab.AbError` (or ``AbDoesNotFit``); a pair that raised is closed, and the next case starts
-    a fresh one."""
-    head, base = (early.head, early.base) if early is not None else _pair(session, index)
+                  process_cv: float) -> Block:
+    """Process pair ``index`` (>= 2): a head worker and a base worker build ``case``, are warmed and measured in
+    interleaved pairs; then their pipelines are released, and the pair is kept for the next case when it is one
+    of the first :data:`POOL_PAIRS` further pairs, else closed. The two workers of a pair have run the same
+    cases before, so their memory and compile figures compare. Raises :class:`diffperf.ab.AbError` (or
+    ``AbDoesNotFit``); a pair that raised is closed, and the next case starts a fresh one."""
+    head, base = _pair(session, index)
     ok = False
     try:
         timeout = max(session.settings.timeout_s, ab.BUILD_TIMEOUT_FLOOR_S)
         with ab._progress(f"A/B {case.id}: build in the head and base workers of process pair {index}"):
-            if early is None:
-                _send_builds(head, base, case, inject_slowdown)
+            head.send("build", case=case.as_dict(), **({"slowdown": inject_slowdown} if inject_slowdown else {}))
+            base.send("build", case=case.as_dict())  # both build at once: nothing is being timed yet
             built = {w.side: _built(w, case, timeout) for w in (head, base)}
 
         def head_round() -> float:
@@ -323,7 +275,7 @@ def _beyond(figure: dict | None, tol: float) -> bool:
 def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, rounds: int, warmup_rounds: int,
               max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float, process_cv: float,
               min_processes: int = 0, first_figures: dict | None = None, tolerances: dict | None = None,
-              early: Early | None = None) -> tuple[list[Block], ab.PairedComparison, str | None]:
+              ) -> tuple[list[Block], ab.PairedComparison, str | None]:
     """Add process pairs to ``first`` while the verdict across them is undecided, up to ``--perf-ab-processes``;
     none when the first pair alone rules out a change of the tolerance's size (:func:`settles_alone`) and
     nothing else asks for more: ``min_processes`` (the confirmation of a peak-memory or compile-time flag), or
@@ -332,13 +284,10 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
 
     Returns the blocks, the combined comparison and why replication stopped early (``None`` when it did not):
     a further pair that does not fit on the device beside the test process' pipeline ends it, and the
-    verdict rests on the pairs that ran (inconclusive when fewer than :data:`MIN_PROCESSES`). A pair built
-    early (``early``, :func:`build_early`) is always measured, as pair 2.
+    verdict rests on the pairs that ran (inconclusive when fewer than :data:`MIN_PROCESSES`).
     """
     blocks = [first]
     most = session.settings.processes
-    if early is not None:
-        min_processes = max(min_processes, 2)
     least = min(max(MIN_PROCESSES, min_processes), most)
 
     def pending() -> bool:
@@ -347,28 +296,14 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
     settled = settles_alone(first.pairs.comparison)
     if settled is not None and min_processes <= 1 and not pending():
         return blocks, settled, None
-    try:
-        return _replicate(session, prepared, blocks, most, least, pending, early, test_id=test_id, rounds=rounds,
-                          warmup_rounds=warmup_rounds, max_time_s=max_time_s, tolerance=tolerance, alpha=alpha,
-                          inject_slowdown=inject_slowdown, process_cv=process_cv)
-    finally:
-        if early is not None and early.head.busy:  # not measured (an error came first): its builds may still run
-            abandon(session, early)
-
-
-def _replicate(session, prepared, blocks, most, least, pending, early, *, test_id, rounds, warmup_rounds, max_time_s,
-               tolerance, alpha, inject_slowdown, process_cv):
-    cmp = combine([b.pairs.comparison for b in blocks], tolerance=tolerance, alpha=alpha, process_cv=process_cv)
+    cmp = combine([first.pairs.comparison], tolerance=tolerance, alpha=alpha, process_cv=process_cv)
     stopped = None
     while len(blocks) < most and (len(blocks) < least or not cmp.decided or pending()):
-        built, early = early, None
         try:
-            if built is None:
-                ab.check_fits(prepared.case, 2 * prepared.cold_peak_bytes if prepared.cold_peak_bytes else None)
+            ab.check_fits(prepared.case, 2 * prepared.cold_peak_bytes if prepared.cold_peak_bytes else None)
             blocks.append(measure_block(session, prepared.case, len(blocks) + 1, test_id=test_id, rounds=rounds,
                                         warmup_rounds=warmup_rounds, max_time_s=max_time_s, tolerance=tolerance,
-                                        alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv,
-                                        early=built))
+                                        alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv))
         except ab.AbDoesNotFit as exc:
             stopped = f"stopped after {len(blocks)} process pair(s): {exc}"
             break
