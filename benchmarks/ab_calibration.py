@@ -19,6 +19,12 @@ gate's (``extra_info["gate"]``), so both are judged on the same machine in the s
 The bar (issue 11): at most 1 of 40 A/A verdicts "regressed", at least 38 of 40 A/B verdicts "regressed".
 The report (``--out``, JSON, written atomically after every run) keeps every run's verdicts, ratios and
 pair counts; the table printed at the end counts the verdicts.
+
+``--resume`` continues the report at ``--out`` instead of starting anew (a run of 40 takes hours on 2 cores;
+it can be stopped and continued, in another session on the same machine): only when the measured code
+(``diffperf/``, ``pipelines/``, ``perf/``) is the same tree as at the report's commit A and the options
+match, else it stops and names what differs. Each continuation is a ``segment`` with its own commits and
+stored baseline (recorded at its start, so the gate is still judged in the same hour).
 """
 
 from __future__ import annotations
@@ -83,6 +89,42 @@ def make_clone(tmp: Path, slowdown: float) -> tuple[Path, str, str]:
     return repo, a, b
 
 
+MEASURED = ("diffperf", "pipelines", "perf")  # the code a calibration measures; a resumed report needs it unchanged
+
+
+def measured_trees(repo: Path, commit: str) -> dict[str, str | None]:
+    """The git tree id of each :data:`MEASURED` folder at ``commit`` (``None`` where it is missing)."""
+    out = {}
+    for folder in MEASURED:
+        got = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{commit}:{folder}"],
+                             capture_output=True, text=True)
+        out[folder] = got.stdout.strip() or None
+    return out
+
+
+def resumable(out: Path, options: dict, repo: Path = ROOT) -> dict:
+    """The report at ``out`` to continue; ``SystemExit`` naming why it cannot be (no report, other options,
+    measured code changed since its commit A)."""
+    try:
+        report = json.loads(out.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"ab_calibration --resume: no report at {out} to continue (--out names it)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"ab_calibration --resume: cannot read the report {out}: {exc}") from None
+    differ = [f"{k} {report.get(k)!r} (this call: {v!r})" for k, v in options.items() if report.get(k, v) != v]
+    if differ:
+        raise SystemExit(f"ab_calibration --resume: {out} was made with other options: {'; '.join(differ)}")
+    then = report.get("measured_trees") or measured_trees(repo, report.get("commit_a", ""))
+    now = measured_trees(repo, "HEAD")
+    changed = [f for f in MEASURED if then.get(f) is None or then.get(f) != now.get(f)]
+    if changed:
+        raise SystemExit(f"ab_calibration --resume: the measured code changed since the report's commit A "
+                         f"{str(report.get('commit_a'))[:12]} ({', '.join(f + '/' for f in changed)}); start a new "
+                         f"report (another --out) instead of mixing two versions' verdicts")
+    report["measured_trees"] = then
+    return report
+
+
 def run_pytest(repo: Path, commit: str, args: list[str], json_path: Path) -> tuple[dict, float, int]:
     """Check ``commit`` out, run the suite in a fresh process; (benchmark json, wall seconds, exit status)."""
     git(repo, "checkout", "--quiet", "--detach", commit)
@@ -145,27 +187,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", default="", help="more pytest options, e.g. '--perf-max-time 60'")
     p.add_argument("--wall-time", action="store_true", help="also time one plain and one A/B run of the default CPU matrix")
     p.add_argument("--out", default=str(ROOT / "reports" / "ab_calibration.json"), help="report (default reports/ab_calibration.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the report at --out up to --runs each (default: start a new one); refused when "
+                        "diffperf/, pipelines/ or perf/ changed since its commit A, or the options differ")
     a = p.parse_args(argv)
     common = ["--perf-frameworks", "torch", "--perf-recipes", a.recipes, "--perf-tolerance", a.tolerance,
               "--perf-no-fidelity", "-k", "latency", *a.extra.split()]
     out = Path(a.out)
+    options = {"slowdown": a.slowdown, "tolerance": a.tolerance, "recipes": a.recipes, "extra": a.extra}
+    previous = resumable(out, options) if a.resume else None
     with tempfile.TemporaryDirectory(prefix="ab-calibration-") as tmp:
         tmp = Path(tmp)
         repo, commit_a, commit_b = make_clone(tmp, a.slowdown)
         baselines = tmp / "baselines"
-        report: dict = {"commit_a": commit_a, "commit_b": commit_b, "slowdown": a.slowdown, "tolerance": a.tolerance,
-                        "recipes": a.recipes, "started": time.time(), "loadavg": os.getloadavg()[0], "runs": []}
+        segment = {"commit_a": commit_a, "commit_b": commit_b, "started": time.time()}
+        if previous is not None:
+            report = previous
+            report.setdefault("segments", [{"commit_a": report["commit_a"], "commit_b": report["commit_b"],
+                                            "started": report.get("started")}])
+            report["segments"].append(segment)
+        else:
+            report = {"commit_a": commit_a, "commit_b": commit_b, **options, "started": time.time(),
+                      "loadavg": os.getloadavg()[0], "measured_trees": measured_trees(ROOT, "HEAD"), "runs": [],
+                      "segments": [segment]}
         gate_opts = ["--perf-baselines-dir", str(baselines)]
         _data, wall, _rc = run_pytest(repo, commit_a, [*common, *gate_opts, "--perf-update-baselines"], tmp / "base.json")
-        report["baseline_wall_s"] = wall
+        report.setdefault("baseline_wall_s", wall)
+        segment["baseline_wall_s"] = wall
         print(f"baselines recorded at A ({wall:.0f} s)", file=sys.stderr, flush=True)
+        done = {(r["condition"], r["index"]) for r in report["runs"]}
         for i in range(a.runs):
             for cond, head in (("A/A", commit_a), ("A/B", commit_b)):
+                if (cond, i) in done:
+                    continue
                 data, wall, rc = run_pytest(repo, head, [*common, *gate_opts, "--perf-ab-base", commit_a],
                                             tmp / f"run-{i}-{cond.replace('/', '')}.json")
                 got = verdicts(data)
                 report["runs"].append({"condition": cond, "index": i, "wall_s": wall, "exit_status": rc, "cases": got,
-                                       "loadavg": os.getloadavg()[0]})
+                                       "loadavg": os.getloadavg()[0], "segment": len(report["segments"]) - 1})
                 atomic_write_text(out, json.dumps(report, indent=1))
                 print(f"run {i + 1}/{a.runs} {cond}: " + ", ".join(f"{k}: A/B {v['ab']} {v['ab_ratio'] or 0:.3f} "
                       f"({v['processes'] or 1} process pairs), gate {v['gate']}" for k, v in got.items())
@@ -175,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             _d, ab_s, _ = run_pytest(repo, commit_a, ["--perf-no-fidelity", "-k", "latency", "--perf-ab-base", commit_a],
                                      tmp / "wall-ab.json")
             report["wall_matrix"] = {"plain_s": plain_s, "ab_s": ab_s, "ratio": ab_s / plain_s}
-        report["finished"] = time.time()
+        report["finished"] = segment["finished"] = time.time()
         atomic_write_text(out, json.dumps(report, indent=1))
     print(table(report))
     print(f"report: {out}")

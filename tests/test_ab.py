@@ -960,3 +960,42 @@ def test_a_single_value_change_in_one_fresh_pair_takes_another_before_it_fails()
     out = ab.judge("t", side, side, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
                    compile_pairs=[b.compile for b in blocks[1:]])
     assert out.failed and out.info["compile_verdict"] == "regressed"
+
+
+def _calibration_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ab_calibration", REPO / "benchmarks" / "ab_calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_calibration_report_is_continued_only_while_the_measured_code_and_options_are_unchanged(tmp_path):
+    cal = _calibration_module()
+    repo = tmp_path / "repo"
+    for folder in cal.MEASURED:
+        (repo / folder).mkdir(parents=True)
+        (repo / folder / "x.py").write_text(f"# {folder}\n")
+    (repo / "README.md").write_text("v1\n")
+    _git(tmp_path, "init", "-q", str(repo))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "A")
+    commit_a = _git(repo, "rev-parse", "HEAD").strip()
+    options = {"slowdown": 0.06, "tolerance": "0.03", "recipes": "torch:fp32-classic", "extra": ""}
+    out = tmp_path / "report.json"
+    out.write_text(json.dumps({"commit_a": commit_a, "commit_b": "b" * 40, "slowdown": 0.06, "tolerance": "0.03",
+                               "recipes": "torch:fp32-classic", "runs": [{"condition": "A/A", "index": 0}]}))
+    (repo / "README.md").write_text("v2\n")  # a later commit that leaves the measured code alone
+    _git(repo, "commit", "-qam", "docs")
+    report = cal.resumable(out, options, repo)
+    assert report["runs"] == [{"condition": "A/A", "index": 0}]
+    assert report["measured_trees"] == cal.measured_trees(repo, commit_a)
+    with pytest.raises(SystemExit, match=r"other options: tolerance '0.03' \(this call: '0.05'\)"):
+        cal.resumable(out, dict(options, tolerance="0.05"), repo)
+    (repo / "pipelines" / "x.py").write_text("# changed\n")
+    _git(repo, "commit", "-qam", "builder changed")
+    with pytest.raises(SystemExit, match=r"measured code changed since the report's commit A .* \(pipelines/\)"):
+        cal.resumable(out, options, repo)
+    with pytest.raises(SystemExit, match="no report at"):
+        cal.resumable(tmp_path / "missing.json", options, repo)
