@@ -25,6 +25,11 @@ it can be stopped and continued, in another session on the same machine): only w
 (``diffperf/``, ``pipelines/``, ``perf/``) is the same tree as at the report's commit A and the options
 match, else it stops and names what differs. Each continuation is a ``segment`` with its own commits and
 stored baseline (recorded at its start, so the gate is still judged in the same hour).
+
+``--set-aside RUN=REASON`` marks run ``RUN`` (its number as printed, A/A and A/B both) as not measured alone,
+e.g. another process shared the cores: the report keeps its verdicts with the reason, the table counts the
+runs measured alone and, apart, the set-aside ones, and ``--runs`` then means runs measured alone (one more
+pair is run for each set aside).
 """
 
 from __future__ import annotations
@@ -155,19 +160,49 @@ def verdicts(data: dict) -> dict[str, dict]:
     return out
 
 
-def table(report: dict) -> str:
+def parse_set_aside(values: list[str]) -> dict[int, str]:
+    """``RUN=REASON`` options as {run index (0-based): reason}; ``SystemExit`` names a malformed one."""
+    out = {}
+    for value in values:
+        run, sep, reason = value.partition("=")
+        if not sep or not run.strip().isdigit() or int(run) < 1 or not reason.strip():
+            raise SystemExit(f"ab_calibration --set-aside {value!r}: expected RUN=REASON, RUN a run number "
+                             f"(1, 2, ... as printed) and REASON why it was not measured alone")
+        out[int(run) - 1] = reason.strip()
+    return out
+
+
+def set_aside(report: dict, reasons: dict[int, str]) -> None:
+    """Mark the runs of ``reasons`` (both conditions) as set aside, with the reason, in ``report``."""
+    for r in report["runs"]:
+        if r["index"] in reasons:
+            r["set_aside"] = reasons[r["index"]]
+
+
+def _counts(runs: list[dict]) -> list[tuple]:
     rows = []
     for cond in ("A/A", "A/B"):
-        runs = [r for r in report["runs"] if r["condition"] == cond]
+        these = [r for r in runs if r["condition"] == cond]
         for judge in ("ab", "gate"):
-            c = Counter(v[judge] for r in runs for v in r["cases"].values())
-            n = sum(c.values())
-            rows.append((cond, "interleaved A/B" if judge == "ab" else "stored-baseline gate", n,
+            c = Counter(v[judge] for r in these for v in r["cases"].values())
+            rows.append((cond, "interleaved A/B" if judge == "ab" else "stored-baseline gate", sum(c.values()),
                          c.get("regressed", 0), c.get("unchanged", 0), c.get("inconclusive", 0), c.get("improved", 0),
                          sum(v for k, v in c.items() if k not in ("regressed", "unchanged", "inconclusive", "improved"))))
+    return rows
+
+
+def table(report: dict) -> str:
+    """The verdict counts of the runs measured alone (and, apart, of the runs set aside) and the wall times."""
+    alone = [r for r in report["runs"] if not r.get("set_aside")]
+    aside = [r for r in report["runs"] if r.get("set_aside")]
+    rows = _counts(alone)
+    if aside:
+        rows += [(f"{cond} (set aside)", *rest) for cond, *rest in _counts(aside)]
     header = ("runs", "judge", "verdicts", "regressed", "unchanged", "inconclusive", "improved", "other")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header, *rows]]
+    for i, reason in sorted({r["index"]: r["set_aside"] for r in aside}.items()):
+        lines.append(f"run {i + 1} set aside: {reason}")
     walls = [r["wall_s"] for r in report["runs"]]
     if walls and report.get("baseline_wall_s"):
         lines.append(f"wall time: plain run {report['baseline_wall_s']:.0f} s, A/B runs median "
@@ -190,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue the report at --out up to --runs each (default: start a new one); refused when "
                         "diffperf/, pipelines/ or perf/ changed since its commit A, or the options differ")
+    p.add_argument("--set-aside", action="append", default=[], metavar="RUN=REASON",
+                   help="run RUN (as printed; A/A and A/B) was not measured alone: keep its verdicts apart, with "
+                        "REASON, and run one more (repeatable; default: none)")
     a = p.parse_args(argv)
+    reasons = parse_set_aside(a.set_aside)
     common = ["--perf-frameworks", "torch", "--perf-recipes", a.recipes, "--perf-tolerance", a.tolerance,
               "--perf-no-fidelity", "-k", "latency", *a.extra.split()]
     out = Path(a.out)
@@ -215,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         report.setdefault("baseline_wall_s", wall)
         segment["baseline_wall_s"] = wall
         print(f"baselines recorded at A ({wall:.0f} s)", file=sys.stderr, flush=True)
+        set_aside(report, reasons)
         done = {(r["condition"], r["index"]) for r in report["runs"]}
-        for i in range(a.runs):
+        aside = {r["index"] for r in report["runs"] if r.get("set_aside")}
+        total = a.runs + len(aside)
+        for i in range(total):
             for cond, head in (("A/A", commit_a), ("A/B", commit_b)):
                 if (cond, i) in done:
                     continue
@@ -226,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["runs"].append({"condition": cond, "index": i, "wall_s": wall, "exit_status": rc, "cases": got,
                                        "loadavg": os.getloadavg()[0], "segment": len(report["segments"]) - 1})
                 atomic_write_text(out, json.dumps(report, indent=1))
-                print(f"run {i + 1}/{a.runs} {cond}: " + ", ".join(f"{k}: A/B {v['ab']} {v['ab_ratio'] or 0:.3f} "
+                print(f"run {i + 1}/{total} {cond}: " + ", ".join(f"{k}: A/B {v['ab']} {v['ab_ratio'] or 0:.3f} "
                       f"({v['processes'] or 1} process pairs), gate {v['gate']}" for k, v in got.items())
                       + f" ({wall:.0f} s)", file=sys.stderr, flush=True)
         if a.wall_time:

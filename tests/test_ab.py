@@ -999,3 +999,21 @@ def test_a_calibration_report_is_continued_only_while_the_measured_code_and_opti
         cal.resumable(out, options, repo)
     with pytest.raises(SystemExit, match="no report at"):
         cal.resumable(tmp_path / "missing.json", options, repo)
+
+
+def test_a_calibration_run_set_aside_is_counted_apart_with_its_reason():
+    cal = _calibration_module()
+    case = {"ab": "unchanged", "gate": "regressed"}
+    report = {"runs": [{"condition": c, "index": i, "wall_s": 1.0, "cases": {"x": dict(case, ab=v)}}
+                       for i, (c, v) in enumerate([("A/A", "unchanged"), ("A/A", "regressed"), ("A/B", "regressed")])]}
+    cal.set_aside(report, cal.parse_set_aside(["2=my analysis shared the cores"]))
+    assert [r.get("set_aside") for r in report["runs"]] == [None, "my analysis shared the cores", None]
+    text = cal.table(report)
+    rows = [line.split() for line in text.splitlines()]
+    # verdicts, regressed, unchanged: the A/A run measured alone, then the set-aside one, counted apart
+    assert ["A/A", "interleaved", "A/B", "1", "0", "1"] in [r[:6] for r in rows]
+    assert ["A/A", "(set", "aside)", "interleaved", "A/B", "1", "1", "0"] in [r[:8] for r in rows]
+    assert "run 2 set aside: my analysis shared the cores" in text
+    for bad in ("2", "x=why", "0=why", "3="):
+        with pytest.raises(SystemExit, match="expected RUN=REASON"):
+            cal.parse_set_aside([bad])
