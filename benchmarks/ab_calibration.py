@@ -173,7 +173,11 @@ def parse_set_aside(values: list[str]) -> dict[int, str]:
 
 
 def set_aside(report: dict, reasons: dict[int, str]) -> None:
-    """Mark the runs of ``reasons`` (both conditions) as set aside, with the reason, in ``report``."""
+    """Mark the runs of ``reasons`` (both conditions) as set aside, with the reason, in ``report``; ``SystemExit``
+    names a run the report does not hold."""
+    missing = sorted(set(reasons) - {r["index"] for r in report["runs"]})
+    if missing:
+        raise SystemExit(f"ab_calibration --set-aside: the report holds no run {', '.join(str(i + 1) for i in missing)}")
     for r in report["runs"]:
         if r["index"] in reasons:
             r["set_aside"] = reasons[r["index"]]

@@ -1014,6 +1014,8 @@ def test_a_calibration_run_set_aside_is_counted_apart_with_its_reason():
     assert ["A/A", "interleaved", "A/B", "1", "0", "1"] in [r[:6] for r in rows]
     assert ["A/A", "(set", "aside)", "interleaved", "A/B", "1", "1", "0"] in [r[:8] for r in rows]
     assert "run 2 set aside: my analysis shared the cores" in text
+    with pytest.raises(SystemExit, match="the report holds no run 9"):
+        cal.set_aside(report, {8: "no such run"})
     for bad in ("2", "x=why", "0=why", "3="):
         with pytest.raises(SystemExit, match="expected RUN=REASON"):
             cal.parse_set_aside([bad])
