@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     options = {"slowdown": a.slowdown, "tolerance": a.tolerance, "recipes": a.recipes, "extra": a.extra}
     previous = resumable(out, options) if a.resume else None
+    set_aside(previous or {"runs": []}, reasons)  # a run it cannot mark stops it here, before the clone and baseline
     with tempfile.TemporaryDirectory(prefix="ab-calibration-") as tmp:
         tmp = Path(tmp)
         repo, commit_a, commit_b = make_clone(tmp, a.slowdown)
@@ -258,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         report.setdefault("baseline_wall_s", wall)
         segment["baseline_wall_s"] = wall
         print(f"baselines recorded at A ({wall:.0f} s)", file=sys.stderr, flush=True)
-        set_aside(report, reasons)
         done = {(r["condition"], r["index"]) for r in report["runs"]}
         aside = {r["index"] for r in report["runs"] if r.get("set_aside")}
         total = a.runs + len(aside)
