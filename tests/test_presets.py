@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from diffperf.cases import Case, RecipeError, resolve_recipes
@@ -44,6 +46,27 @@ def test_tokenizer_is_offline_clip_compatible():
     assert max(max(x) for x in ids) < CLIP_VOCAB_SIZE
     assert ids[0] != ids[1]
     assert clip_tokenizer(pad_token="!")("a", padding="max_length", max_length=5).input_ids[-1] == 0
+
+
+def test_tokenize_builds_its_tokenizer_once(monkeypatch):
+    import diffperf.tokenizer as tokenizer
+
+    built = []
+    monkeypatch.setattr(tokenizer, "clip_tokenizer", lambda *a, **k: built.append(1) or clip_tokenizer(*a, **k))
+    tokenizer._shared_tokenizer.cache_clear()
+    try:
+        first = tokenize(["a photo"])
+        assert tokenize(["a photo"]) == first and tokenize(["another photo"]) != first
+        assert len(built) == 1  # a TF round tokenizes its prompt; it must not rebuild the tokenizer
+    finally:
+        tokenizer._shared_tokenizer.cache_clear()
+
+
+def test_tokenizer_leaves_no_folder_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tok = clip_tokenizer()
+    assert tok("a photo").input_ids[0] == 49406
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("recipe", GUIDE_LADDER, ids=lambda r: r.tag())
