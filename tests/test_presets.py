@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +13,8 @@ from diffperf.cases import Case, RecipeError, resolve_recipes
 from diffperf.presets import CLIP_VOCAB_SIZE, PRESETS, get_preset, parameter_counts
 from diffperf.tokenizer import clip_tokenizer, tokenize
 from pipelines.torch_recipes import GUIDE_LADDER, TorchRecipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
@@ -62,10 +67,10 @@ def test_tokenize_builds_its_tokenizer_once(monkeypatch):
         tokenizer._shared_tokenizer.cache_clear()
 
 
-def test_tokenizer_leaves_no_folder_behind(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    tok = clip_tokenizer()
-    assert tok("a photo").input_ids[0] == 49406
+def test_tokenizer_leaves_no_folder_behind(tmp_path):
+    code = "from diffperf.tokenizer import clip_tokenizer; assert clip_tokenizer()('a photo').input_ids[0] == 49406"
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # a fresh process: nothing cached from earlier tests
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True)
     assert list(tmp_path.iterdir()) == []
 
 
