@@ -68,30 +68,36 @@ def write_tokenizer_files(directory: str | os.PathLike[str]) -> Path:
     return directory
 
 
-@functools.lru_cache(maxsize=None)
-def _tokenizer_dir() -> Path:
-    return write_tokenizer_files(Path(tempfile.mkdtemp(prefix="diffperf-tokenizer-")))
-
-
 def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """Build a ``transformers.CLIPTokenizer`` (slow, pure Python) from the generated files.
 
     SD 1.5 and SDXL's first tokenizer pad with ``<|endoftext|>``; SDXL's second pads with ``!``.
+    The files are written to a temporary folder that is removed once the tokenizer has read them.
     """
     from transformers import CLIPTokenizer
 
-    d = _tokenizer_dir()
-    return CLIPTokenizer(
-        vocab_file=str(d / "vocab.json"),
-        merges_file=str(d / "merges.txt"),
-        pad_token=pad_token,
-        model_max_length=77,
-    )
+    with tempfile.TemporaryDirectory(prefix="diffperf-tokenizer-") as tmp:
+        d = write_tokenizer_files(tmp)
+        return CLIPTokenizer(
+            vocab_file=str(d / "vocab.json"),
+            merges_file=str(d / "merges.txt"),
+            pad_token=pad_token,
+            model_max_length=77,
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_tokenizer():
+    return clip_tokenizer()
 
 
 def tokenize(prompts: list[str], max_length: int = 77) -> list[list[int]]:
-    """Tokenize prompts to padded id lists without any framework (used by the TF and JAX stacks)."""
-    tok = clip_tokenizer()
+    """Tokenize prompts to padded id lists without any framework (used by the TF stack in each call).
+
+    The tokenizer is built once per process, as KerasCV builds its own once per model: a timed call pays
+    for tokenizing its prompt, not for reading the vocabulary again.
+    """
+    tok = _shared_tokenizer()
     out = tok(prompts, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
     assert all(0 <= i < CLIP_VOCAB_SIZE for ids in out for i in ids)
     return out

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from diffperf.cases import Case, RecipeError, resolve_recipes
 from diffperf.presets import CLIP_VOCAB_SIZE, PRESETS, get_preset, parameter_counts
 from diffperf.tokenizer import clip_tokenizer, tokenize
 from pipelines.torch_recipes import GUIDE_LADDER, TorchRecipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
@@ -44,6 +51,27 @@ def test_tokenizer_is_offline_clip_compatible():
     assert max(max(x) for x in ids) < CLIP_VOCAB_SIZE
     assert ids[0] != ids[1]
     assert clip_tokenizer(pad_token="!")("a", padding="max_length", max_length=5).input_ids[-1] == 0
+
+
+def test_tokenize_builds_its_tokenizer_once(monkeypatch):
+    import diffperf.tokenizer as tokenizer
+
+    built = []
+    monkeypatch.setattr(tokenizer, "clip_tokenizer", lambda *a, **k: built.append(1) or clip_tokenizer(*a, **k))
+    tokenizer._shared_tokenizer.cache_clear()
+    try:
+        first = tokenize(["a photo"])
+        assert tokenize(["a photo"]) == first and tokenize(["another photo"]) != first
+        assert len(built) == 1  # a TF round tokenizes its prompt; it must not rebuild the tokenizer
+    finally:
+        tokenizer._shared_tokenizer.cache_clear()
+
+
+def test_tokenizer_leaves_no_folder_behind(tmp_path):
+    code = "from diffperf.tokenizer import clip_tokenizer; assert clip_tokenizer()('a photo').input_ids[0] == 49406"
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # a fresh process: nothing cached from earlier tests
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("recipe", GUIDE_LADDER, ids=lambda r: r.tag())
