@@ -247,6 +247,22 @@ class Controller:
             terminalreporter.write_line(line)
 
 
+def json_path(value) -> Path:
+    """The path that ``--benchmark-json`` names, as a ``Path``.
+
+    pytest-benchmark 5.3 parses it into a ``Path``; 5.1 and 5.2 into a file it opened for writing
+    (``argparse.FileType("wb")``), which is closed here so that the run is written through a temp file and
+    a rename like every other file diffperf writes.
+    """
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    name = getattr(value, "name", None)
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"--benchmark-json: expected a path or a file opened by pytest-benchmark, got {value!r}")
+    value.close()
+    return Path(name)
+
+
 def save(config: pytest.Config, run: dict) -> list[str]:
     """Write the merged ``run`` where ``--benchmark-json``/``--benchmark-save``/``--benchmark-autosave`` say.
 
@@ -261,7 +277,7 @@ def save(config: pytest.Config, run: dict) -> list[str]:
             lines.append("diffperf: no benchmark finished on the workers; nothing saved")
         return lines
     if bs.json:
-        lines.append(f"merged run written to {results.write_json(run, bs.json)}")
+        lines.append(f"merged run written to {results.write_json(run, json_path(bs.json))}")
     name = bs.save or bs.autosave
     if name:
         storage = getattr(bs.storage, "path", None)

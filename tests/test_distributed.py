@@ -57,6 +57,28 @@ def test_two_fake_gpus_two_workers_each_pinned_every_case_timed_and_merged_once(
     assert len(saved) == 1 and json.loads(saved[0].read_text())["benchmarks"] == run["benchmarks"]
 
 
+def test_merged_run_goes_where_benchmark_json_points_as_a_path_or_an_opened_file(tmp_path):
+    """pytest-benchmark 5.3 parses --benchmark-json into a Path, 5.1-5.2 into a file opened 'wb': both get the run.
+
+    Found on a GPU machine with pytest-benchmark 5.2.3, where ``-n auto --benchmark-json`` crashed at the end.
+    """
+    import argparse
+    import types
+
+    target = tmp_path / "run.json"
+    run = {"benchmarks": [{"name": "test_latency[torch-cuda-tiny-fp32-sdpa-bs1-4steps]"}], "machine_info": {}}
+    opened = argparse.FileType("wb")(str(target))
+    for value in (opened, target, str(target)):
+        bs = types.SimpleNamespace(json=value, save=None, autosave=None)
+        lines = distributed.save(types.SimpleNamespace(_benchmarksession=bs), run)
+        assert lines == [f"merged run written to {target}"]
+        assert json.loads(target.read_text()) == run
+        target.unlink()
+    assert opened.closed
+    with pytest.raises(TypeError, match="--benchmark-json"):
+        distributed.json_path(object())
+
+
 def test_framework_group_keeps_a_stack_on_one_worker(fake_suite, monkeypatch):
     monkeypatch.setenv("DIFFPERF_FAKE_GPUS", "2")
     result = fake_suite.runpytest_subprocess("-n", "2", "-m", "cuda", *ARGS, "--perf-journal", "journal.jsonl",
