@@ -255,6 +255,21 @@ class TorchRunner(Runner):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def initial_latents(self, generator: torch.Generator) -> torch.Tensor:
+        """The initial noise: drawn in float32 from ``generator``, then cast to the recipe's precision.
+
+        Note: diffusers draws it in the pipeline's dtype, and torch's CPU sampler builds a bf16 or fp16
+        draw from other bits of the generator's output than a float32 draw (the low 8 or 11 bits instead
+        of 24): a bf16 case would start from noise unrelated to its fp32 reference's, and the fidelity
+        guard would compare two different images (latent cosine about 0). The draw and the cast stay in
+        the timed call, where diffusers' own draw is.
+        """
+        pipe = self.pipe
+        shape = (self.case.batch_size, pipe.unet.config.in_channels,
+                 self.case.height // pipe.vae_scale_factor, self.case.width // pipe.vae_scale_factor)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return noise.to(device=self.device, dtype=DTYPES[self.case.recipe.precision])
+
     def _call(self, **extra):
         generator = torch.Generator("cpu").manual_seed(self.case.seed)
         with torch.inference_mode():
@@ -265,6 +280,7 @@ class TorchRunner(Runner):
                 height=self.case.height,
                 width=self.case.width,
                 generator=generator,
+                latents=self.initial_latents(generator),
                 output_type="np",
                 **extra,
             ).images
