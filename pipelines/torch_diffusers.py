@@ -258,11 +258,11 @@ class TorchRunner(Runner):
     def initial_latents(self, generator: torch.Generator) -> torch.Tensor:
         """The initial noise: drawn in float32 from ``generator``, then cast to the recipe's precision.
 
-        Note: diffusers draws it in the pipeline's dtype, and torch's CPU sampler builds a bf16 or fp16
-        draw from other bits of the generator's output than a float32 draw (the low 8 or 11 bits instead
-        of 24): a bf16 case would start from noise unrelated to its fp32 reference's, and the fidelity
-        guard would compare two different images (latent cosine about 0). The draw and the cast stay in
-        the timed call, where diffusers' own draw is.
+        Note: diffusers draws it in the pipeline's dtype, and a bf16 draw from torch's CPU sampler is not
+        always the float32 draw rounded (pytorch#166853, diffusers#11056): with torch 2.11 on an H200 every
+        bf16 case started from noise unrelated to its fp32 reference's, and the fidelity guard compared
+        two different images (latent cosine 0.003-0.026). torch 2.13 rounds the float32 draw (bf16 and fp16), so this
+        changes nothing there. The draw and the cast stay in the timed call, where diffusers' own draw is.
         """
         pipe = self.pipe
         shape = (self.case.batch_size, pipe.unet.config.in_channels,
