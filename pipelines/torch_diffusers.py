@@ -261,8 +261,9 @@ class TorchRunner(Runner):
         Note: diffusers draws it in the pipeline's dtype, and a bf16 draw from torch's CPU sampler is not
         always the float32 draw rounded (pytorch#166853, diffusers#11056): with torch 2.11 on an H200 every
         bf16 case started from noise unrelated to its fp32 reference's, and the fidelity guard compared
-        two different images (latent cosine 0.003-0.026). torch 2.13 rounds the float32 draw (bf16 and fp16), so this
-        changes nothing there. The draw and the cast stay in the timed call, where diffusers' own draw is.
+        two different images (latent cosine 0.003-0.026). torch 2.13 rounds the float32 draw (bf16 and
+        fp16), so this changes nothing there. The draw and the cast stay in the timed call, where diffusers'
+        own draw is.
         """
         pipe = self.pipe
         shape = (self.case.batch_size, pipe.unet.config.in_channels,
