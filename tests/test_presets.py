@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,7 @@ from diffperf.cases import Case, RecipeError, resolve_recipes
 from diffperf.presets import CLIP_VOCAB_SIZE, PRESETS, get_preset, parameter_counts
 from diffperf.tokenizer import clip_tokenizer, tokenize
 from pipelines.torch_recipes import GUIDE_LADDER, TorchRecipe
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
