@@ -13,6 +13,7 @@ BUDGET=${BUDGET:-560}
 DEADLINE=$((START + BUDGET))
 OUT=${OUT:-$PWD/gpu-check}
 W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT  # everything it holds is packed into $OUT/all.tgz
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 pack() { tar czf "$OUT/all.tgz" -C "$W" . 2>/dev/null; }
