@@ -86,6 +86,7 @@ class PairedComparison:
     processes: int = 1  # process pairs behind the verdict (diffperf/ab_replicate.py combines more than one)
     replicated: bool = False  # judged across process pairs (:func:`diffperf.ab_replicate.combine`)
     block_ratios: tuple = ()  # each process pair's own ratio, when replicated
+    offset_source: str = ""  # where a one-pair verdict's offset spread came from (diffperf.ab_offsets), if measured
 
     @property
     def p_value(self) -> float:
@@ -106,9 +107,11 @@ class PairedComparison:
 
     def describe(self) -> str:
         if self.replicated and self.processes == 1:
+            offset = (f"the {self.process_cv:.1%} first-pair offset measured in {self.offset_source}"
+                      if self.offset_source else f"a {self.process_cv:.1%} between-process offset")
             return (f"A/B {self.verdict}: head/base ratio {self.ratio:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] "
-                    f"over {self.pairs} pairs of 1 process pair (its interval allows a {self.process_cv:.1%} "
-                    f"between-process offset, so no more pairs were needed), Wilcoxon p={self.p_value:.3g}, "
+                    f"over {self.pairs} pairs of 1 process pair (its interval allows {offset}, so no more pairs "
+                    f"were needed), Wilcoxon p={self.p_value:.3g}, "
                     f"tolerance {self.tolerance:.0%}, smallest detectable slowdown {self.min_detectable:.1%}")
         if self.replicated:
             blocks = ", ".join(f"{r:.3f}" for r in self.block_ratios)
@@ -789,12 +792,13 @@ class Paired:
 def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
             tolerance: float, alpha: float, inject_slowdown: float = 0.0, process_cv: float = PROCESS_CV,
             min_processes: int = 0, memory_tolerance: float | None = None,
-            compile_tolerance: float | None = None) -> Paired:
+            compile_tolerance: float | None = None, offset=None) -> Paired:
     """Build ``prepared``'s case in the base worker, warm both sides and take the pairs; the base pipeline is
     released afterwards. With ``--perf-ab-processes`` above 1, further process pairs follow
     (:func:`diffperf.ab_replicate.replicate`, at least ``min_processes`` pairs in all, within
     ``--perf-ab-processes``; more while a peak-memory or compile-time figure is beyond ``memory_tolerance`` /
-    ``compile_tolerance`` in fewer than two fresh pairs) and the verdict is theirs together.
+    ``compile_tolerance`` in fewer than two fresh pairs) and the verdict is theirs together; ``offset`` (the
+    case's stored A/A first-pair offsets, :mod:`diffperf.ab_offsets`) lets the first pair settle alone.
     Raises :class:`AbDoesNotFit` (skip the case) or :class:`AbError`."""
     from diffperf import harness
     from diffperf.timing import timed_call
@@ -821,7 +825,9 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
         worker.request("reset_memory")
         done = None
         if ab.settings.processes > 1:
-            from diffperf.ab_replicate import pair_done as done
+            from diffperf.ab_replicate import first_pair_done
+
+            done = functools.partial(first_pair_done, offset=offset)
         with _progress(f"{case.id}: A/B pairs (head and base in random order)"):
             res = run_pairs(head_round, base_round, min_pairs=rounds, warmup_rounds=0, max_time_s=max_time_s,
                             tolerance=tolerance, alpha=alpha, seed=seed,
@@ -852,7 +858,7 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
         ab, prepared, first, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
         tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv,
         min_processes=min_processes, first_figures=figures,
-        tolerances={"memory": memory_tolerance, "compile": compile_tolerance})
+        tolerances={"memory": memory_tolerance, "compile": compile_tolerance}, offset=offset)
     return Paired(res, seed, head_warm, base_warm, head_peak, head_kind, base_built, base_stats, cmp, blocks, stopped,
                   base_compile)
 
@@ -860,7 +866,7 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
 def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, warmup_rounds: int, max_time_s: float,
             tolerance: float, alpha: float, memory_tolerance: float, compile_tolerance: float,
             inject_slowdown: float = 0.0, breakdown_rounds: int = 3,
-            process_cv: float = PROCESS_CV) -> tuple[dict, AbOutcome]:
+            process_cv: float = PROCESS_CV, offset=None) -> tuple[dict, AbOutcome]:
     """Measure ``prepared`` (the head) against the base worker in pairs; ``(head record, A/B outcome)``.
 
     The record is the head's, as :func:`diffperf.harness.record` makes it from the head's paired rounds,
@@ -872,7 +878,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     runner = prepared.runner
     got = pair_up(ab, prepared, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds, max_time_s=max_time_s,
                   tolerance=tolerance, alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv,
-                  memory_tolerance=memory_tolerance, compile_tolerance=compile_tolerance)
+                  memory_tolerance=memory_tolerance, compile_tolerance=compile_tolerance, offset=offset)
     res, seed, base_built, base_stats = got.pairs, got.seed, got.base_built, got.base_stats
     if benchmark is not None:
         _record_rounds(benchmark, res.head)
@@ -905,6 +911,10 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
         "pairs_seconds": sum(b.pairs.seconds for b in got.blocks) if got.blocks else res.seconds,
         "head_samples_s": res.head, "base_samples_s": res.base,
         "processes": cmp.processes, "blocks": [b.as_dict() for b in got.blocks],
+        "first_pair": {"ratio": res.comparison.ratio, "pairs_se": res.comparison.pairs_se,
+                       "pairs": res.comparison.pairs},
+        "offset_prior": (offset.as_dict() | {"settled_first_pair": bool(cmp.offset_source)}
+                         if offset is not None else None), "inject_slowdown": inject_slowdown,
         "replication_stopped": got.replication_stopped,
         "head_commit": ab.head_commit, "base_commit": ab.base_commit,
         "head": head_side, "base": base_side, **outcome.info, "message": outcome.message,

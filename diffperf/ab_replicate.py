@@ -123,14 +123,34 @@ def pair_done(cmp: ab.PairedComparison) -> bool:
     return cmp.verdict in ("regressed", "improved") or (cmp.pairs >= 2 and cmp.pairs_se <= enough)
 
 
-def settles_alone(cmp: ab.PairedComparison) -> ab.PairedComparison | None:
-    """The first pair's "unchanged", when it holds even with a between-process offset of
-    :data:`SETTLE_OFFSET_FACTOR` times ``--perf-ab-process-cv`` (sd) added to its interval; else ``None``
-    (more pairs are needed). A change, or anything undecided, is never settled by one pair."""
+def first_pair_done(cmp: ab.PairedComparison, offset=None) -> bool:
+    """When the first process pair has enough rounds: :func:`pair_done`, or, with the case's stored A/A
+    ``offset``, as soon as it settles alone (:func:`settles_alone`): more rounds could not change that
+    verdict to anything a further pair would not have to confirm."""
+    return pair_done(cmp) or (offset is not None and settles_alone(cmp, offset) is not None)
+
+
+def settles_alone(cmp: ab.PairedComparison, offset=None) -> ab.PairedComparison | None:
+    """The first pair's "unchanged", when it holds with the case's first-pair offset added to its error; else
+    ``None`` (more pairs are needed). A change, or anything undecided, is never settled by one pair.
+
+    The offset: ``offset`` (a :class:`diffperf.ab_offsets.OffsetPrior`, the spread measured in the case's stored
+    A/A runs), judged by :func:`diffperf.ab_offsets.judge_first_pair` with the verdict rule of every A/B; without
+    one, :data:`SETTLE_OFFSET_FACTOR` times ``--perf-ab-process-cv`` (sd), and the interval must lie inside the
+    tolerance."""
     from diffperf import stats
 
     if cmp.pairs < ab.MIN_PAIRS or not math.isfinite(cmp.pairs_se) or cmp.verdict not in ("unchanged", "inconclusive"):
         return None
+    if offset is not None:
+        from diffperf.ab_offsets import judge_first_pair
+
+        verdict, lo, hi, mds, _se = judge_first_pair(cmp, offset)
+        if verdict != "unchanged":
+            return None
+        return dataclasses.replace(cmp, verdict="unchanged", ci_low=lo, ci_high=hi, min_detectable=mds,
+                                   process_cv=offset.sd, processes=1, replicated=True, block_ratios=(cmp.ratio,),
+                                   offset_source=offset.source)
     wide = SETTLE_OFFSET_FACTOR * cmp.process_cv
     half = stats._z(1 - (1 - cmp.confidence) / 2) * math.hypot(cmp.pairs_se, wide)
     m = math.log(cmp.ratio)
@@ -275,9 +295,10 @@ def _beyond(figure: dict | None, tol: float) -> bool:
 def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, rounds: int, warmup_rounds: int,
               max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float, process_cv: float,
               min_processes: int = 0, first_figures: dict | None = None, tolerances: dict | None = None,
-              ) -> tuple[list[Block], ab.PairedComparison, str | None]:
+              offset=None) -> tuple[list[Block], ab.PairedComparison, str | None]:
     """Add process pairs to ``first`` while the verdict across them is undecided, up to ``--perf-ab-processes``;
-    none when the first pair alone rules out a change of the tolerance's size (:func:`settles_alone`) and
+    none when the first pair alone rules out a change of the tolerance's size (:func:`settles_alone`, with the
+    case's stored A/A ``offset`` when it has one) and
     nothing else asks for more: ``min_processes`` (the confirmation of a peak-memory or compile-time flag), or
     a peak-memory or compile-time figure beyond its tolerance (:func:`single_values_pending`; those figures
     are compared on the fresh pairs only).
@@ -293,7 +314,7 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
     def pending() -> bool:
         return single_values_pending(first_figures or {}, blocks, tolerances or {})
 
-    settled = settles_alone(first.pairs.comparison)
+    settled = settles_alone(first.pairs.comparison, offset)
     if settled is not None and min_processes <= 1 and not pending():
         return blocks, settled, None
     cmp = combine([first.pairs.comparison], tolerance=tolerance, alpha=alpha, process_cv=process_cv)

@@ -45,6 +45,8 @@ def _cells(test: str, ab: dict) -> list[str]:
 
 def _pairs(ab: dict) -> str:
     procs = ab.get("processes") or 1
+    if (ab.get("offset_prior") or {}).get("settled_first_pair"):
+        return f"{ab.get('pairs')} in 1 proc (A/A offsets)"
     return f"{ab.get('pairs')} in {procs} proc" if procs > 1 else str(ab.get("pairs"))
 
 

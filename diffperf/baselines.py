@@ -136,6 +136,8 @@ def make_entry(test_id: str, record: dict, versions: dict | None = None, commit:
     }
     past = list((previous or {}).get("history") or [])
     entry["history"] = (past + [history_item(entry)])[-keep:]
+    if (previous or {}).get("ab_offsets"):  # the A/A offsets (diffperf.ab_offsets) outlive a latency refresh
+        entry["ab_offsets"] = list(previous["ab_offsets"])
     return entry
 
 
@@ -179,6 +181,13 @@ def validate_entry(entry: Any, where: str) -> None:
         ref = item.get("reference_s")
         if ref is not None and not _positive_number(ref):
             raise BaselineError(f"{where}: history[{i}]: 'reference_s' must be a positive number or null")
+    if entry.get("ab_offsets") is not None:
+        from diffperf.ab_offsets import OffsetsError, validate
+
+        try:
+            validate(entry["ab_offsets"], where)
+        except OffsetsError as exc:
+            raise BaselineError(str(exc)) from None
 
 
 def migrate_entry(entry: Any) -> Any:
@@ -353,15 +362,28 @@ def fold_runs(run_paths: list[str | os.PathLike[str]], baselines_dir: str | os.P
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m diffperf baseline fold RUN... [--baselines-dir DIR] [--keep K]`` and ``baseline check``."""
+    """``python -m diffperf baseline fold RUN... [--baselines-dir DIR] [--keep K]``, ``baseline offsets RUN...``
+    (:func:`diffperf.ab_offsets.fold`) and ``baseline check``."""
     import argparse
     import sys
+
+    from diffperf import ab_offsets
 
     def k_type(value: str) -> int:
         try:
             return parse_history_length(value)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def offsets_keep(value: str) -> int:
+        try:
+            keep = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--keep {value!r}: not an integer") from None
+        if keep < ab_offsets.MIN_OBSERVATIONS:
+            raise argparse.ArgumentTypeError(f"--keep {value}: keep at least {ab_offsets.MIN_OBSERVATIONS} "
+                                             "A/A observations (fewer are never used)")
+        return keep
 
     p = argparse.ArgumentParser(prog="python -m diffperf baseline",
                                 description="build and check baseline files (baselines/README.md)")
@@ -373,20 +395,32 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"runs kept in each entry's history (K). Default: {DEFAULT_HISTORY}.")
     c = sub.add_parser("check", help="load every baseline file and print its entries and history lengths")
     c.add_argument("--baselines-dir", default="baselines", help="default: baselines")
+    o = sub.add_parser("offsets", help="append the first process pair's ratio of saved A/A runs (--perf-ab-base "
+                                       "HEAD) to each entry's ab_offsets (diffperf/ab_offsets.py)")
+    o.add_argument("runs", nargs="+", help="saved A/A run files, e.g. .benchmarks/*/00*_aa.json")
+    o.add_argument("--baselines-dir", default="baselines", help="default: baselines")
+    o.add_argument("--keep", type=offsets_keep, default=ab_offsets.KEEP,
+                   help=f"A/A observations kept in each entry. Default: {ab_offsets.KEEP}.")
     a = p.parse_args(argv)
     try:
         if a.action == "fold":
             for path in fold_runs(a.runs, a.baselines_dir, a.keep):
                 print(f"baselines written: {path}")
             return 0
+        if a.action == "offsets":
+            for path in ab_offsets.fold(a.runs, a.baselines_dir, a.keep):
+                print(f"baselines written (ab_offsets): {path}")
+            return 0
         files = baseline_files(a.baselines_dir)
         for path in files:
             store = BaselineStore.load(path)
             lengths = sorted({len(e["history"]) for e in store.entries.values()})
-            print(f"{path}: {len(store.entries)} entries, history of {', '.join(map(str, lengths)) or '-'} run(s)")
+            aa = sorted({len(e["ab_offsets"]) for e in store.entries.values() if e.get("ab_offsets")})
+            print(f"{path}: {len(store.entries)} entries, history of {', '.join(map(str, lengths)) or '-'} run(s)"
+                  + (f", A/A first pairs of {', '.join(map(str, aa))}" if aa else ""))
         if not files:
             print(f"no baseline file under {a.baselines_dir}")
         return 0
-    except BaselineError as exc:
+    except (BaselineError, ab_offsets.OffsetsError) as exc:
         print(f"diffperf baseline: error: {exc}", file=sys.stderr)
         return 2

@@ -31,13 +31,15 @@ def _drift(gate: dict) -> str:
 
 def ab_cell(ab: dict | None) -> str:
     """``verdict ratio [low, high] n=pairs`` of an A/B record (``-`` without one), ``, K proc`` when the pairs
-    came from K process pairs."""
+    came from K process pairs, ``, 1 proc, A/A offsets`` when one settled with the case's stored A/A offsets."""
     if not ab:
         return "-"
     if ab.get("verdict") == "error" or ab.get("ratio") is None:
         return str(ab.get("verdict", "-"))
     low, high = ab["ci"]
     procs = f", {ab['processes']} proc" if (ab.get("processes") or 1) > 1 else ""
+    if (ab.get("offset_prior") or {}).get("settled_first_pair"):
+        procs = ", 1 proc, A/A offsets"
     return f"{ab['verdict']} {ab['ratio']:.3f} [{low:.3f}, {high:.3f}] n={ab['pairs']}{procs}"
 
 

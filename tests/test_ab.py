@@ -477,6 +477,51 @@ def test_a_speed_offset_of_one_process_is_not_a_regression_across_process_pairs(
     result.stdout.fnmatch_lines([f"*process pair {a['processes']}*"])
 
 
+def test_a_first_pair_within_the_cases_stored_a_a_offsets_settles_on_one_process_pair(ab_repo, monkeypatch):
+    # The test process runs 2.5 % slower than a worker of the same tree. With the --perf-ab-process-cv guess
+    # one pair cannot rule out a 10 % change behind that, and fresh pairs follow. Once the case's A/A first
+    # pairs are folded into its baseline entry (python -m diffperf baseline offsets), the first pair is judged
+    # with their measured spread and settles alone.
+    from diffperf.ab_offsets import KEY
+    from diffperf.baselines import BaselineStore
+
+    monkeypatch.setenv("FAKE_AB_TEST_PROCESS_OFFSET", "1.025")
+    args = [*RUN, "--perf-baselines-dir", "baselines"]
+    result = ab_repo.runpytest_subprocess(*args, "--perf-update-baselines")
+    assert result.ret == 0, result.stdout.str()
+    result = ab_repo.runpytest_subprocess(*args, "--perf-ab-base", "HEAD", "--benchmark-json", "aa.json")
+    assert result.ret == 0, result.stdout.str()
+    guessed = json.loads((ab_repo.path / "aa.json").read_text())["benchmarks"][0]["extra_info"]["ab"]
+    assert guessed["processes"] >= 2 and guessed["offset_prior"] is None
+    assert 1.01 < guessed["first_pair"]["ratio"] < 1.04 and guessed["first_pair"]["pairs"] >= 12
+    out = subprocess.run([sys.executable, "-m", "diffperf", "baseline", "offsets", "aa.json", "--baselines-dir",
+                          "baselines"], cwd=ab_repo.path, capture_output=True, text=True)
+    assert out.returncode == 0 and "baselines written (ab_offsets)" in out.stdout, out.stderr
+    (path,) = (ab_repo.path / "baselines").glob("*.json")
+    store = BaselineStore.load(path)
+    entry = store.get(_bench_id(ab_repo, "aa.json"))
+    (folded,) = entry[KEY]
+    assert folded["log_ratio"] == pytest.approx(np.log(guessed["first_pair"]["ratio"]), abs=1e-5)
+    # Four more A/A runs' first pairs (stand-ins: each would be another run of the command above).
+    entry[KEY] += [dict(folded, log_ratio=m, recorded_at=f"stand-in {i}") for i, m in enumerate([-0.01, 0.015, -0.005, 0.01])]
+    store.put(entry)
+    store.save()
+    result = ab_repo.runpytest_subprocess(*args, "--perf-ab-base", "HEAD", "--benchmark-json", "out.json")
+    assert result.ret == 0, result.stdout.str()
+    a = _bench(ab_repo)["extra_info"]["ab"]
+    assert a["verdict"] == "unchanged" and a["processes"] == 1 and len(a["blocks"]) == 1
+    assert a["offset_prior"]["observations"] == 5 and 0.01 < a["offset_prior"]["sd"] < 0.02
+    assert a["offset_prior"]["settled_first_pair"] and guessed["offset_prior"] is None
+    result.stdout.fnmatch_lines(["*unchanged 1.0* n=*, 1 proc, A/A offsets*"])
+    assert a["ci"][0] < a["ratio"] < a["ci"][1] and a["min_detectable_slowdown"] <= 0.10
+    assert f"first-pair offset measured in baselines/{path.name}: 5 A/A first pairs" in a["message"]
+
+
+def _bench_id(pytester: pytest.Pytester, name: str) -> str:
+    (bench,) = json.loads((pytester.path / name).read_text())["benchmarks"]
+    return bench["fullname"]
+
+
 def test_further_process_pairs_are_kept_for_the_next_case_and_closed_at_the_end(ab_repo, monkeypatch):
     from diffperf.ab_replicate import POOL_PAIRS
 

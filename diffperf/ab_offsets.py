@@ -1,0 +1,210 @@
+"""A/A offsets of the first process pair, stored with the baselines: what lets one process pair settle a case.
+
+The first process pair of an A/B is the test process and the base worker (:func:`diffperf.ab.pair_up`).
+Two processes of one tree run at speeds of their own, so the first pair's ratio is "change + offset"
+(:mod:`diffperf.ab_replicate`). Without knowing how large that offset gets for a case, one pair settles
+"unchanged" only inside ``SETTLE_OFFSET_FACTOR`` times ``--perf-ab-process-cv``, and most cases take a
+second pair of fresh processes. This module measures the offset instead: every saved A/A run (``--perf-ab-base
+HEAD`` on a clean checkout, one interpreter, nothing injected) holds one first-pair ratio per case, and
+``python -m diffperf baseline offsets RUN...`` folds them into each baseline entry's ``ab_offsets`` (the
+last :data:`KEEP`). From :data:`MIN_OBSERVATIONS` of them on, an A/B run judges its first pair with the case's
+own offset spread (:func:`prior`, :func:`diffperf.ab_replicate.settles_alone`).
+
+Note: the spread is the root mean square of the A/A log-ratios about zero, less their own pairs' error
+(method of moments): a first pair that is slower on average (the test process ran other cases before) counts
+as spread, not as a correction. It is floored at :data:`FLOOR`, and its uncertainty (few runs) enters as
+Student's t on Welch-Satterthwaite degrees of freedom, so five runs that happen to agree widen the interval
+more than twenty. The offsets describe the processes of the matrix the A/A runs ran (what ran before a case
+in the test process); a run of one case alone starts from another state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+KEY = "ab_offsets"
+KEEP = 20  # A/A observations kept per entry, oldest dropped first
+MIN_OBSERVATIONS = 5  # fewer say too little about a spread to replace the --perf-ab-process-cv guess
+FLOOR = 0.005  # log-sd: the smallest offset spread claimed (measured worker-pair offsets of SDPA: 0.5 %)
+
+
+class OffsetsError(ValueError):
+    """A saved run or a stored offset that cannot be folded or read (the message names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetPrior:
+    """A case's first-pair offset spread, from ``observations`` stored A/A runs."""
+
+    sd: float  # log standard deviation of the first pair's offset, net of the pairs' own error
+    observations: int
+    source: str  # where it came from, for the record and the message
+
+    @property
+    def df(self) -> int:
+        return self.observations
+
+    def as_dict(self) -> dict:
+        return {"sd": self.sd, "observations": self.observations, "source": self.source}
+
+
+def _finite(value: Any, low: float = -math.inf) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+
+def validate(value: Any, where: str) -> None:
+    """Raise :class:`OffsetsError` naming ``where`` when ``value`` is not a list of A/A observations."""
+    if not isinstance(value, list):
+        raise OffsetsError(f"{where}: {KEY!r} must be a list of A/A first-pair observations")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise OffsetsError(f"{where}: {KEY}[{i}] is a {type(item).__name__}, not an object")
+        if not _finite(item.get("log_ratio")):
+            raise OffsetsError(f"{where}: {KEY}[{i}]: 'log_ratio' must be a finite number")
+        if not _finite(item.get("pairs_se"), 0.0):
+            raise OffsetsError(f"{where}: {KEY}[{i}]: 'pairs_se' must be a finite number >= 0")
+        pairs = item.get("pairs")
+        if not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 2:
+            raise OffsetsError(f"{where}: {KEY}[{i}]: 'pairs' must be an integer >= 2")
+
+
+def prior(entry: dict | None, source: str = "baselines") -> OffsetPrior | None:
+    """The offset spread of ``entry``'s stored A/A first pairs, or ``None`` with fewer than
+    :data:`MIN_OBSERVATIONS` (the run then keeps the ``--perf-ab-process-cv`` guess)."""
+    obs = list((entry or {}).get(KEY) or [])
+    if len(obs) < MIN_OBSERVATIONS:
+        return None
+    var = sum(o["log_ratio"] ** 2 - o["pairs_se"] ** 2 for o in obs) / len(obs)
+    sd = max(math.sqrt(max(var, 0.0)), FLOOR)
+    return OffsetPrior(sd, len(obs), f"{source}: {len(obs)} A/A first pairs")
+
+
+def judge_first_pair(cmp, offset: OffsetPrior, power: float = 0.8):
+    """``cmp`` (the first pair's own comparison) judged with the case's measured offset: the pairs' error and
+    the offset spread added in quadrature, quantiles from Student's t on Welch-Satterthwaite degrees of
+    freedom, the verdict by :func:`diffperf.ab.decide`. Returns ``(verdict, ci_low, ci_high, min_detectable,
+    se)``."""
+    from scipy.stats import t
+
+    from diffperf import ab
+
+    se = math.hypot(cmp.pairs_se, offset.sd)
+    denom = cmp.pairs_se ** 4 / max(cmp.pairs - 1, 1) + offset.sd ** 4 / offset.df
+    df = se ** 4 / denom if denom > 0 else math.inf
+    half = float(t.ppf(1 - (1 - cmp.confidence) / 2, df)) * se
+    m = math.log(cmp.ratio)
+    lo, hi = math.exp(m - half), math.exp(m + half)
+    mds = math.expm1((float(t.ppf(1 - cmp.alpha, df)) + float(t.ppf(power, df))) * se)
+    verdict = ab.decide(cmp.ratio, lo, hi, cmp.p_slower, cmp.p_faster, mds, cmp.tolerance, cmp.alpha,
+                        cmp.pairs >= ab.MIN_PAIRS)
+    return verdict, lo, hi, mds, se
+
+
+def lookup(gate, test_id: str, hardware_id: str) -> OffsetPrior | None:
+    """The offset prior of ``test_id`` in the gate's baseline file for ``hardware_id`` (``None`` without a gate,
+    a file, an entry or enough observations; a file that does not load is the gate's to report)."""
+    if gate is None:
+        return None
+    try:
+        store = gate.store(hardware_id)
+    except Exception:  # BaselineError: the gate names the file in the test's verdict
+        return None
+    return prior(store.get(test_id), f"baselines/{store.path.name}")
+
+
+# --------------------------------------------------------------------------------- saved A/A runs
+
+
+def not_aa(ab: dict) -> str | None:
+    """Why the A/B record ``ab`` (a benchmark's ``extra_info["ab"]``) is not an A/A measurement, or ``None``.
+
+    A/A: the base is the head's own commit on a clean checkout, run by the same interpreter, with no
+    injected slowdown and a first pair measured.
+    """
+    head, base = ab.get("head_commit") or {}, ab.get("base_commit") or {}
+    if ab.get("verdict") == "error":
+        return "its A/B failed"
+    if not head.get("id") or head.get("id") != base.get("id"):
+        return f"its base commit {str(base.get('id'))[:12]} is not its head commit {str(head.get('id'))[:12]}"
+    if head.get("dirty"):
+        return "its head checkout had uncommitted changes, so the base commit is another tree"
+    if (ab.get("head") or {}).get("python") != (ab.get("base") or {}).get("python"):
+        return "its base side ran another interpreter (--perf-ab-python)"
+    if ab.get("inject_slowdown"):
+        return f"its head was slowed on purpose (--perf-inject-slowdown {ab['inject_slowdown']})"
+    if first_pair(ab) is None:
+        return "it holds no first process pair"
+    return None
+
+
+def first_pair(ab: dict) -> dict | None:
+    """``{"log_ratio", "pairs_se", "pairs"}`` of the record's first process pair (``ab["first_pair"]``, or the
+    first of ``ab["blocks"]`` in runs saved before it was recorded), or ``None``."""
+    got = ab.get("first_pair") or next((b for b in ab.get("blocks") or [] if b.get("index") == 1), None)
+    if not got or not _finite(got.get("ratio"), 0.0) or got["ratio"] <= 0 or not _finite(got.get("pairs_se"), 0.0):
+        return None
+    return {"log_ratio": math.log(got["ratio"]), "pairs_se": float(got["pairs_se"]), "pairs": int(got["pairs"])}
+
+
+def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int = KEEP) -> list[Path]:
+    """Append the first-pair log-ratio of every A/A record in the saved runs (oldest run first) to its
+    baseline entry's ``ab_offsets`` (the last ``keep`` kept) and write the files.
+
+    Every run and file is read and checked first; nothing is written when a run is not A/A (the reason is
+    named), holds no A/B record, or a record's test id has no baseline entry (fold plain runs first). A run
+    folded before is not counted twice.
+    """
+    from diffperf.baselines import BaselineError, BaselineStore, baseline_path, round_sig
+    from diffperf.compare import RunError, load_run
+
+    if not isinstance(keep, int) or keep < MIN_OBSERVATIONS:
+        raise OffsetsError(f"--keep {keep!r}: keep at least {MIN_OBSERVATIONS} A/A observations")
+    runs = []
+    for p in run_paths:
+        try:
+            runs.append(load_run(p))
+        except RunError as exc:
+            raise OffsetsError(str(exc)) from None
+    runs.sort(key=lambda r: str(r.data.get("datetime") or ""))
+    stores: dict[str, BaselineStore] = {}
+    for run in runs:
+        found = 0
+        for bench in run.data["benchmarks"]:
+            rec = bench.get("extra_info") or {}
+            ab = rec.get("ab")
+            if not isinstance(ab, dict) or not rec.get("hardware_id"):
+                continue
+            why = not_aa(ab)
+            if why:
+                raise OffsetsError(f"saved run {run.path}: {bench['fullname']} is not an A/A measurement: {why}")
+            hw = rec["hardware_id"]
+            if hw not in stores:
+                try:
+                    stores[hw] = BaselineStore.load(baseline_path(baselines_dir, hw))
+                except BaselineError as exc:
+                    raise OffsetsError(str(exc)) from None
+            entry = stores[hw].get(bench["fullname"])
+            if entry is None:
+                raise OffsetsError(f"saved run {run.path}: {bench['fullname']} has no entry in "
+                                   f"{stores[hw].path}; fold plain runs of it first (python -m diffperf "
+                                   "baseline fold)")
+            obs = first_pair(ab)
+            item = {"log_ratio": round_sig(obs["log_ratio"]), "pairs_se": round_sig(obs["pairs_se"]),
+                    "pairs": obs["pairs"], "commit": (ab.get("head_commit") or {}).get("id"),
+                    "recorded_at": str(run.data.get("datetime") or "") or None}
+            found += 1
+            held = list(entry.get(KEY) or [])
+            if any(o.get("recorded_at") == item["recorded_at"] and o.get("log_ratio") == item["log_ratio"]
+                   for o in held):
+                continue  # this run was folded before: one run is one observation
+            stores[hw].put(dict(entry, **{KEY: (held + [item])[-keep:]}))
+        if not found:
+            raise OffsetsError(f"saved run {run.path}: no A/B record (run it with --perf-ab-base HEAD); nothing to fold")
+    written = []
+    for store in stores.values():
+        store.save()
+        written.append(store.path)
+    return sorted(written)

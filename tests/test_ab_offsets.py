@@ -1,0 +1,179 @@
+"""A/A first-pair offsets stored with the baselines (diffperf/ab_offsets.py): the prior, the one-pair settle, the fold."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from diffperf import ab, ab_offsets, ab_replicate
+from diffperf.baselines import BaselineError, BaselineStore, baseline_path
+from diffperf.baselines import main as baseline_main
+from tests.test_gate import HW, lognormal, record
+
+TEST_ID = "perf/test_pipelines.py::test_latency[torch-cpu-tiny-fp32-sdpa-bs1-4steps]"
+
+
+def _first_pair(ratio: float, tolerance: float = 0.10, n: int = 20, noise: float = 0.02, seed: int = 1):
+    """The first pair's own comparison: head = ``ratio`` x base, ``noise`` a round, on a drifting machine."""
+    rng = np.random.default_rng(seed)
+    base = 0.1 * (1 + 0.3 * np.linspace(0, 1, n) ** 2) * np.exp(rng.normal(0, noise, n))
+    head = base * ratio * np.exp(rng.normal(0, noise, n))
+    return ab.paired_compare(list(head), list(base), tolerance=tolerance, alpha=0.01)
+
+
+def _observations(log_ratios, pairs_se=0.01):
+    return [{"log_ratio": m, "pairs_se": pairs_se, "pairs": 16, "commit": "c" * 40,
+             "recorded_at": f"2026-11-30T0{i}:00:00"} for i, m in enumerate(log_ratios)]
+
+
+def test_the_prior_is_the_a_a_spread_about_zero_net_of_the_pairs_own_error_and_floored():
+    entry = {ab_offsets.KEY: _observations([0.02, -0.02, 0.02, -0.02, 0.02])}
+    got = ab_offsets.prior(entry, "baselines/x.json")
+    assert got.sd == pytest.approx(math.sqrt(0.02 ** 2 - 0.01 ** 2)) and got.observations == got.df == 5
+    assert got.source == "baselines/x.json: 5 A/A first pairs"
+    # A mean offset (the test process slower on average) counts as spread, not as a correction.
+    assert ab_offsets.prior({ab_offsets.KEY: _observations([0.03] * 5, 0.0)}).sd == pytest.approx(0.03)
+    # Offsets within the pairs' own error: the floor, never zero.
+    assert ab_offsets.prior({ab_offsets.KEY: _observations([0.005, -0.004, 0.0, 0.003, -0.006], 0.02)}).sd == \
+        ab_offsets.FLOOR
+    assert ab_offsets.prior({ab_offsets.KEY: _observations([0.0] * 4)}) is None  # too few to replace the guess
+    assert ab_offsets.prior(None) is None and ab_offsets.prior({}) is None
+
+
+def test_a_first_pair_within_its_cases_measured_offsets_settles_alone_where_the_guessed_offset_would_not():
+    first = _first_pair(1.03)
+    assert first.verdict in ("unchanged", "inconclusive") and first.pairs_se < 0.01
+    # The guess (3 x the 1 % --perf-ab-process-cv) leaves room for a 10 % change behind a 3 % ratio.
+    assert ab_replicate.settles_alone(first) is None
+    tight = ab_offsets.prior({ab_offsets.KEY: _observations([0.01, -0.012, 0.008, 0.015, -0.01, 0.011], 0.004)},
+                             "baselines/cpu-x.json")
+    settled = ab_replicate.settles_alone(first, tight)
+    assert settled is not None and settled.verdict == "unchanged" and settled.processes == 1 and settled.decided
+    assert settled.process_cv == tight.sd and settled.min_detectable <= 0.10 and settled.ci_low < 1.03 < settled.ci_high
+    assert (f"allows the {tight.sd:.1%} first-pair offset measured in baselines/cpu-x.json: 6 A/A first pairs"
+            in settled.describe())
+    # A case whose processes disagree (fp32-classic measured sd 2.7-4.2 %) takes further pairs at that ratio.
+    wide = ab_offsets.prior({ab_offsets.KEY: _observations([0.04, -0.045, 0.05, -0.04, 0.045, -0.05], 0.004)})
+    assert ab_replicate.settles_alone(first, wide) is None
+    # A change is never called on one pair, whatever the offsets.
+    assert ab_replicate.settles_alone(_first_pair(1.15), tight) is None
+    # Nor is a 3 % tolerance settled where the offsets are as large as the tolerance.
+    assert ab_replicate.settles_alone(_first_pair(1.0, tolerance=0.03), wide) is None
+
+
+def test_five_agreeing_a_a_runs_widen_the_interval_more_than_twenty():
+    first = _first_pair(1.02, noise=0.04)
+    few = ab_offsets.prior({ab_offsets.KEY: _observations([0.015, -0.015] * 2 + [0.015], 0.0)})
+    many = ab_offsets.prior({ab_offsets.KEY: _observations([0.015, -0.015] * 10, 0.0)})
+    assert few.sd == pytest.approx(many.sd)
+    v5, lo5, hi5, mds5, se5 = ab_offsets.judge_first_pair(first, few)
+    v20, lo20, hi20, mds20, se20 = ab_offsets.judge_first_pair(first, many)
+    assert se5 == pytest.approx(se20) and hi5 - lo5 > hi20 - lo20 and mds5 > mds20
+
+
+# ------------------------------------------------------------------------------------------ the fold
+
+
+def _aa_record(ratio: float, pairs_se: float = 0.02, *, head: str = "a" * 40, base: str | None = None,
+               dirty: bool = False, base_python: str = "/py", inject: float = 0.0, blocks_only: bool = False) -> dict:
+    ab_rec = {"verdict": "unchanged", "ratio": ratio, "head_commit": {"id": head, "dirty": dirty},
+              "base_commit": {"id": base or head, "rev": "HEAD", "dirty": False},
+              "head": {"python": "/py"}, "base": {"python": base_python}, "inject_slowdown": inject,
+              "blocks": [{"index": 1, "ratio": ratio, "pairs_se": pairs_se, "pairs": 16},
+                         {"index": 2, "ratio": 0.99, "pairs_se": 0.02, "pairs": 12}]}
+    if not blocks_only:
+        ab_rec["first_pair"] = {"ratio": ratio, "pairs_se": pairs_se, "pairs": 16}
+    return record(lognormal(10)) | {"hardware_id": HW, "ab": ab_rec}
+
+
+def _saved(tmp_path, name: str, when: str, benches: list[tuple[str, dict]]):
+    data = {"machine_info": {}, "commit_info": {"id": "a" * 40}, "datetime": when,
+            "benchmarks": [{"fullname": t, "name": t, "stats": {"median": 0.1}, "extra_info": rec} for t, rec in benches]}
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def baselines(tmp_path):
+    out = tmp_path / "baselines"
+    store = BaselineStore.load(baseline_path(out, HW))
+    store.append(TEST_ID, record(lognormal(10)), commit={"id": "a" * 40})
+    store.save()
+    return out
+
+
+def test_saved_a_a_runs_fold_into_each_entry_oldest_first_once_each(tmp_path, baselines):
+    runs = [_saved(tmp_path, f"000{i}_aa.json", f"2026-11-30T1{i}:00:00", [(TEST_ID, _aa_record(r, blocks_only=i == 1))])
+            for i, r in enumerate([1.02, 0.99, 1.01])]
+    assert ab_offsets.fold(list(reversed(runs)), baselines) == [baseline_path(baselines, HW)]
+    held = BaselineStore.load(baseline_path(baselines, HW)).get(TEST_ID)[ab_offsets.KEY]
+    assert [round(math.exp(o["log_ratio"]), 3) for o in held] == [1.02, 0.99, 1.01]  # by the runs' datetime
+    assert held[1]["pairs_se"] == 0.02 and held[0]["pairs"] == 16 and held[0]["commit"] == "a" * 40
+    ab_offsets.fold(runs[:1], baselines)  # a run folded again is not a new observation
+    assert len(BaselineStore.load(baseline_path(baselines, HW)).get(TEST_ID)[ab_offsets.KEY]) == 3
+    more = [_saved(tmp_path, f"01{i}_aa.json", f"2026-12-01T{i:02d}:00:00", [(TEST_ID, _aa_record(1.0))])
+            for i in range(6)]
+    assert baseline_main(["offsets", *map(str, more), "--baselines-dir", str(baselines), "--keep", "5"]) == 0
+    held = BaselineStore.load(baseline_path(baselines, HW)).get(TEST_ID)[ab_offsets.KEY]
+    assert len(held) == 5 and all(o["recorded_at"].startswith("2026-12-01") for o in held)
+    assert ab_offsets.prior(BaselineStore.load(baseline_path(baselines, HW)).get(TEST_ID)).observations == 5
+    with pytest.raises(SystemExit):  # fewer than MIN_OBSERVATIONS kept would never be used
+        baseline_main(["offsets", str(more[0]), "--baselines-dir", str(baselines), "--keep", "3"])
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    ({"base": "b" * 40}, "is not an A/A measurement: its base commit bbbbbbbbbbbb is not its head commit aaaaaaaaaaaa"),
+    ({"dirty": True}, "its head checkout had uncommitted changes"),
+    ({"base_python": "/other/py"}, "its base side ran another interpreter (--perf-ab-python)"),
+    ({"inject": 0.06}, "its head was slowed on purpose (--perf-inject-slowdown 0.06)"),
+])
+def test_a_run_that_is_not_a_a_is_named_and_nothing_is_written(tmp_path, baselines, capsys, kwargs, why):
+    good = _saved(tmp_path, "0001_aa.json", "2026-11-30T10:00:00", [(TEST_ID, _aa_record(1.01))])
+    bad = _saved(tmp_path, "0002_ab.json", "2026-11-30T11:00:00", [(TEST_ID, _aa_record(1.06, **kwargs))])
+    before = baseline_path(baselines, HW).read_text()
+    assert baseline_main(["offsets", str(good), str(bad), "--baselines-dir", str(baselines)]) == 2
+    err = capsys.readouterr().err
+    assert "0002_ab.json" in err and TEST_ID in err and why in err
+    assert baseline_path(baselines, HW).read_text() == before
+
+
+def test_a_run_without_an_entry_or_without_a_b_is_named(tmp_path, baselines):
+    other = "perf/test_pipelines.py::test_latency[torch-cpu-tiny-fp32-classic-bs1-4steps]"
+    run = _saved(tmp_path, "0001_aa.json", "2026-11-30T10:00:00", [(other, _aa_record(1.0))])
+    with pytest.raises(ab_offsets.OffsetsError, match=r"classic.*has no entry in .*fold plain runs of it first"):
+        ab_offsets.fold([run], baselines)
+    plain = _saved(tmp_path, "0002_plain.json", "2026-11-30T10:00:00", [(TEST_ID, record(lognormal(10)) | {"hardware_id": HW})])
+    with pytest.raises(ab_offsets.OffsetsError, match=r"0002_plain.json: no A/B record \(run it with --perf-ab-base HEAD\)"):
+        ab_offsets.fold([plain], baselines)
+
+
+def test_a_latency_refresh_keeps_the_offsets_and_a_bad_offset_names_the_entry(tmp_path, baselines):
+    path = baseline_path(baselines, HW)
+    store = BaselineStore.load(path)
+    store.put(dict(store.get(TEST_ID), **{ab_offsets.KEY: _observations([0.01] * 5)}))
+    store.save()
+    store = BaselineStore.load(path)
+    store.append(TEST_ID, record(lognormal(10, 1.1)), commit={"id": "d" * 40})  # --perf-update-baselines
+    store.save()
+    entry = BaselineStore.load(path).get(TEST_ID)
+    assert len(entry["history"]) == 2 and len(entry[ab_offsets.KEY]) == 5
+    data = json.loads(path.read_text())
+    data["entries"][TEST_ID][ab_offsets.KEY][2]["log_ratio"] = "fast"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BaselineError, match=r"entry '.*sdpa.*': ab_offsets\[2\]: 'log_ratio' must be a finite number"):
+        BaselineStore.load(path)
+
+
+def test_with_stored_offsets_the_first_pair_stops_taking_rounds_once_it_settles():
+    # 10 pairs of 5.6 % noise a round: their own error (2.5-2.6 %) is above the quarter tolerance a process pair
+    # aims for, so without offsets the pair takes more rounds; a case whose A/A first pairs agree settles here.
+    first = _first_pair(1.0, n=10, noise=0.056, seed=7)
+    assert 0.025 < first.pairs_se < 0.026 and not ab_replicate.pair_done(first)
+    tight = ab_offsets.prior({ab_offsets.KEY: _observations([0.004, -0.004] * 3, 0.0)})
+    assert not ab_replicate.first_pair_done(first) and ab_replicate.first_pair_done(first, tight)
+    wide = ab_offsets.prior({ab_offsets.KEY: _observations([0.03, -0.03] * 3, 0.0)})
+    assert not ab_replicate.first_pair_done(first, wide)
