@@ -125,8 +125,7 @@ def pair_done(cmp: ab.PairedComparison) -> bool:
 
 def first_pair_done(cmp: ab.PairedComparison, offset=None) -> bool:
     """When the first process pair has enough rounds: :func:`pair_done`, or, with the case's stored A/A
-    ``offset``, as soon as it settles alone (:func:`settles_alone`): more rounds could not change that
-    verdict to anything a further pair would not have to confirm."""
+    ``offset``, as soon as it settles alone (:func:`settles_alone`)."""
     return pair_done(cmp) or (offset is not None and settles_alone(cmp, offset) is not None)
 
 
