@@ -124,9 +124,15 @@ def pair_done(cmp: ab.PairedComparison) -> bool:
 
 
 def first_pair_done(cmp: ab.PairedComparison, offset=None) -> bool:
-    """When the first process pair has enough rounds: :func:`pair_done`, or, with the case's stored A/A
-    ``offset``, as soon as it settles alone (:func:`settles_alone`)."""
-    return pair_done(cmp) or (offset is not None and settles_alone(cmp, offset) is not None)
+    """When the first process pair has enough rounds: :func:`pair_done`; with the case's stored A/A ``offset``,
+    as soon as it settles alone (:func:`settles_alone`), or once its own error is within the measured offset
+    spread (or a quarter of the tolerance): the rule of :func:`pair_done` with the case's own between-process
+    term, so a case whose first pairs disagree by more does not buy rounds that its offset drowns."""
+    if offset is None:
+        return pair_done(cmp)
+    if cmp.verdict in ("regressed", "improved") or settles_alone(cmp, offset) is not None:
+        return True
+    return cmp.pairs >= 2 and cmp.pairs_se <= max(offset.sd, cmp.tolerance / 4, 1e-3)
 
 
 def settles_alone(cmp: ab.PairedComparison, offset=None) -> ab.PairedComparison | None:
