@@ -11,11 +11,13 @@ last :data:`KEEP`). From :data:`MIN_OBSERVATIONS` of them on, an A/B run judges 
 own offset spread (:func:`prior`, :func:`diffperf.ab_replicate.settles_alone`).
 
 Note: the spread is the root mean square of the A/A log-ratios about zero, less their own pairs' error
-(method of moments): a first pair that is slower on average (the test process ran other cases before) counts
-as spread, not as a correction. It is floored at :data:`FLOOR`, and its uncertainty (few runs) enters as
-Student's t on Welch-Satterthwaite degrees of freedom, so five runs that happen to agree widen the interval
-more than twenty. The offsets describe the processes of the matrix the A/A runs ran (what ran before a case
-in the test process); a run of one case alone starts from another state.
+(method of moments; at least :data:`FLOOR`): a first pair that is slower on average (the test process ran
+other cases before) counts as spread, not as a correction. A new first pair's ratio under no change then has
+the variance "offset spread + its own pairs' error", estimated from the stored runs alone, so its quantiles
+are Student's t on as many degrees of freedom as there are stored runs: five runs that happen to agree widen
+the interval more than twenty, and an estimate at the floor is not trusted beyond what its runs showed. The
+offsets describe the processes of the matrix the A/A runs ran (what ran before a case in the test process);
+a run of one case alone starts from another state.
 """
 
 from __future__ import annotations
@@ -84,16 +86,15 @@ def prior(entry: dict | None, source: str = "baselines") -> OffsetPrior | None:
 
 def judge_first_pair(cmp, offset: OffsetPrior, power: float = 0.8):
     """``cmp`` (the first pair's own comparison) judged with the case's measured offset: the pairs' error and
-    the offset spread added in quadrature, quantiles from Student's t on Welch-Satterthwaite degrees of
-    freedom, the verdict by :func:`diffperf.ab.decide`. Returns ``(verdict, ci_low, ci_high, min_detectable,
-    se)``."""
+    the offset spread added in quadrature, quantiles from Student's t on the stored runs' degrees of freedom
+    (module note), the verdict by :func:`diffperf.ab.decide`. Returns ``(verdict, ci_low, ci_high,
+    min_detectable, se)``."""
     from scipy.stats import t
 
     from diffperf import ab
 
     se = math.hypot(cmp.pairs_se, offset.sd)
-    denom = cmp.pairs_se ** 4 / max(cmp.pairs - 1, 1) + offset.sd ** 4 / offset.df
-    df = se ** 4 / denom if denom > 0 else math.inf
+    df = offset.df
     half = float(t.ppf(1 - (1 - cmp.confidence) / 2, df)) * se
     m = math.log(cmp.ratio)
     lo, hi = math.exp(m - half), math.exp(m + half)
@@ -101,6 +102,16 @@ def judge_first_pair(cmp, offset: OffsetPrior, power: float = 0.8):
     verdict = ab.decide(cmp.ratio, lo, hi, cmp.p_slower, cmp.p_faster, mds, cmp.tolerance, cmp.alpha,
                         cmp.pairs >= ab.MIN_PAIRS)
     return verdict, lo, hi, mds, se
+
+
+def settle_se(tolerance: float, alpha: float, offset: OffsetPrior, power: float = 0.8) -> float:
+    """The pairs' own standard error at which a first pair with a ratio of 1 would settle "unchanged" by
+    detecting the tolerance (:func:`judge_first_pair`'s ``min_detectable``); 0 when even error-free pairs
+    would not (the offset alone is too wide)."""
+    from scipy.stats import t
+
+    room = math.log1p(tolerance) / (float(t.ppf(1 - alpha, offset.df)) + float(t.ppf(power, offset.df)))
+    return math.sqrt(room ** 2 - offset.sd ** 2) if room > offset.sd else 0.0
 
 
 def lookup(gate, test_id: str, hardware_id: str) -> OffsetPrior | None:

@@ -123,16 +123,31 @@ def pair_done(cmp: ab.PairedComparison) -> bool:
     return cmp.verdict in ("regressed", "improved") or (cmp.pairs >= 2 and cmp.pairs_se <= enough)
 
 
+# With stored A/A offsets the first pair takes rounds down to the error at which it would settle, when its
+# ratio is within half the tolerance and that error is no smaller than this fraction of the tolerance (at most
+# about four times the rounds of the quarter-tolerance target): rounds are cheaper than another process pair
+# (measured, default CPU matrix: a pair's rounds 1-20 s, a further pair's start, build and rounds 5-60 s).
+SETTLE_SE_FLOOR = 1 / 8
+
+
 def first_pair_done(cmp: ab.PairedComparison, offset=None) -> bool:
     """When the first process pair has enough rounds: :func:`pair_done`; with the case's stored A/A ``offset``,
-    as soon as it settles alone (:func:`settles_alone`), or once its own error is within the measured offset
-    spread (or a quarter of the tolerance): the rule of :func:`pair_done` with the case's own between-process
-    term, so a case whose first pairs disagree by more does not buy rounds that its offset drowns."""
+    as soon as it settles alone (:func:`settles_alone`), else once its own error is down to where it would
+    settle (:func:`diffperf.ab_offsets.settle_se`, when its ratio is within half the tolerance and that error
+    is at least :data:`SETTLE_SE_FLOOR` of the tolerance), else once it is within the measured offset spread
+    or a quarter of the tolerance: the rule of :func:`pair_done` with the case's own between-process term, so
+    a case whose first pairs disagree by more does not buy rounds that its offset drowns."""
+    from diffperf.ab_offsets import settle_se
+
     if offset is None:
         return pair_done(cmp)
     if cmp.verdict in ("regressed", "improved") or settles_alone(cmp, offset) is not None:
         return True
-    return cmp.pairs >= 2 and cmp.pairs_se <= max(offset.sd, cmp.tolerance / 4, 1e-3)
+    enough = max(offset.sd, cmp.tolerance / 4, 1e-3)
+    reach = settle_se(cmp.tolerance, cmp.alpha, offset)
+    if abs(math.log(cmp.ratio)) <= math.log1p(cmp.tolerance / 2) and reach >= cmp.tolerance * SETTLE_SE_FLOOR:
+        enough = min(enough, reach)
+    return cmp.pairs >= 2 and cmp.pairs_se <= enough
 
 
 def settles_alone(cmp: ab.PairedComparison, offset=None) -> ab.PairedComparison | None:

@@ -173,8 +173,10 @@ def test_with_stored_offsets_the_first_pair_stops_taking_rounds_once_it_settles(
     # aims for, so without offsets the pair takes more rounds; a case whose A/A first pairs agree settles here.
     first = _first_pair(1.0, n=10, noise=0.056, seed=7)
     assert 0.025 < first.pairs_se < 0.026 and not ab_replicate.pair_done(first)
-    tight = ab_offsets.prior({ab_offsets.KEY: _observations([0.004, -0.004] * 3, 0.0)})
+    tight = ab_offsets.prior({ab_offsets.KEY: _observations([0.004, -0.004] * 10, 0.0)})  # 20 A/A runs
     assert not ab_replicate.first_pair_done(first) and ab_replicate.first_pair_done(first, tight)
+    # Six runs that agree as well are not trusted as far: that pair takes more rounds.
+    assert not ab_replicate.first_pair_done(first, ab_offsets.prior({ab_offsets.KEY: _observations([0.004, -0.004] * 3, 0.0)}))
     # A case whose first pairs disagree by 6 % (TF graph mode measured one at 1.16) stops at its offset's size:
     # rounds beyond that buy nothing the further pairs must not measure again.
     loose = _first_pair(1.0, n=10, noise=0.12, seed=7)
@@ -182,3 +184,22 @@ def test_with_stored_offsets_the_first_pair_stops_taking_rounds_once_it_settles(
     wide = ab_offsets.prior({ab_offsets.KEY: _observations([0.06, -0.06] * 3, 0.0)})
     assert ab_replicate.settles_alone(loose, wide) is None and ab_replicate.first_pair_done(loose, wide)
     assert not ab_replicate.first_pair_done(first, ab_offsets.prior({ab_offsets.KEY: _observations([0.02, -0.02] * 3, 0.0)}))
+
+
+def test_a_first_pair_that_could_still_settle_takes_rounds_down_to_the_error_where_it_would():
+    # Seven A/A runs at the floor: a ratio of 1 settles once the pairs' own error is under about 2.4 %, just
+    # below the quarter-tolerance target (2.5 %) a pair would stop at; a jit-like 2 % offset needs 1.4 %.
+    seven = ab_offsets.prior({ab_offsets.KEY: _observations([0.004, -0.004, 0.003, -0.003, 0.002, -0.002, 0.0], 0.0)})
+    reach = ab_offsets.settle_se(0.10, 0.01, seven)
+    assert 0.02 < reach < 0.025
+    jit = ab_offsets.prior({ab_offsets.KEY: _observations([0.02, -0.02, 0.02, -0.02, 0.02, -0.02, 0.02], 0.0)})
+    assert 0.0125 < ab_offsets.settle_se(0.10, 0.01, jit) < reach
+    assert ab_offsets.settle_se(0.10, 0.01, ab_offsets.prior({ab_offsets.KEY: _observations([0.07, -0.07] * 4, 0.0)})) == 0
+    from dataclasses import replace
+
+    at = _first_pair(1.0, n=20, noise=0.04, seed=3)
+    between = replace(at, pairs_se=(reach + 0.025) / 2, ratio=1.02)  # done by the quarter rule, not settled
+    assert ab_replicate.pair_done(between) and ab_replicate.settles_alone(between, seven) is None
+    assert not ab_replicate.first_pair_done(between, seven)  # more rounds: it may still settle alone
+    assert ab_replicate.first_pair_done(replace(between, ratio=1.07), seven)  # beyond half the tolerance: no
+    assert ab_replicate.settles_alone(replace(between, pairs_se=reach * 0.98), seven) is not None
