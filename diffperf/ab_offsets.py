@@ -168,20 +168,13 @@ def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int =
     named), holds no A/B record, or a record's test id has no baseline entry (fold plain runs first). A run
     folded before is not counted twice.
     """
-    from diffperf.baselines import BaselineError, BaselineStore, baseline_path, round_sig
-    from diffperf.compare import RunError, load_run
+    from diffperf.baselines import (BaselineError, BaselineStore, baseline_path, load_runs_oldest_first, round_sig,
+                                    save_all)
 
     if not isinstance(keep, int) or keep < MIN_OBSERVATIONS:
         raise OffsetsError(f"--keep {keep!r}: keep at least {MIN_OBSERVATIONS} A/A observations")
-    runs = []
-    for p in run_paths:
-        try:
-            runs.append(load_run(p))
-        except RunError as exc:
-            raise OffsetsError(str(exc)) from None
-    runs.sort(key=lambda r: str(r.data.get("datetime") or ""))
     stores: dict[str, BaselineStore] = {}
-    for run in runs:
+    for run in load_runs_oldest_first(run_paths, OffsetsError):
         found = 0
         for bench in run.data["benchmarks"]:
             rec = bench.get("extra_info") or {}
@@ -214,8 +207,4 @@ def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int =
             stores[hw].put(dict(entry, **{KEY: (held + [item])[-keep:]}))
         if not found:
             raise OffsetsError(f"saved run {run.path}: no A/B record (run it with --perf-ab-base HEAD); nothing to fold")
-    written = []
-    for store in stores.values():
-        store.save()
-        written.append(store.path)
-    return sorted(written)
+    return save_all(stores.values())

@@ -316,6 +316,20 @@ class BaselineStore:
 # --------------------------------------------------------------------------------- python -m diffperf baseline
 
 
+def load_runs_oldest_first(run_paths, error: type[Exception] = BaselineError) -> list:
+    """The saved runs (:func:`diffperf.compare.load_run`), oldest first by their ``datetime``; a run that does
+    not load raises ``error`` naming it."""
+    from diffperf.compare import RunError, load_run
+
+    runs = []
+    for p in run_paths:
+        try:
+            runs.append(load_run(p))
+        except RunError as exc:
+            raise error(str(exc)) from None
+    return sorted(runs, key=lambda r: str(r.data.get("datetime") or ""))
+
+
 def fold_runs(run_paths: list[str | os.PathLike[str]], baselines_dir: str | os.PathLike[str],
               keep: int = DEFAULT_HISTORY) -> list[Path]:
     """Append every diffperf record of the saved runs (oldest first, by their ``datetime``) to the baselines.
@@ -325,17 +339,8 @@ def fold_runs(run_paths: list[str | os.PathLike[str]], baselines_dir: str | os.P
     (:class:`BaselineError` naming it) nothing is written.
     """
     keep = parse_history_length(keep)
-    from diffperf.compare import RunError, load_run
-
-    runs = []
-    for p in run_paths:
-        try:
-            runs.append(load_run(p))
-        except RunError as exc:
-            raise BaselineError(str(exc)) from None
-    runs.sort(key=lambda r: str(r.data.get("datetime") or ""))
     stores: dict[str, BaselineStore] = {}
-    for run in runs:
+    for run in load_runs_oldest_first(run_paths):
         mi = run.machine_info
         versions = mi.get("diffperf_versions") or {}
         commit = {k: run.commit_info.get(k) for k in ("id", "time", "branch", "dirty", "project") if k in run.commit_info}
@@ -354,11 +359,14 @@ def fold_runs(run_paths: list[str | os.PathLike[str]], baselines_dir: str | os.P
             found += 1
         if not found:
             raise BaselineError(f"saved run {run.path}: no diffperf record with a hardware id; nothing to fold")
-    written = []
-    for store in stores.values():
+    return save_all(stores.values())
+
+
+def save_all(stores) -> list[Path]:
+    """Save every store (:meth:`BaselineStore.save`, atomic each); their paths, sorted."""
+    for store in stores:
         store.save()
-        written.append(store.path)
-    return sorted(written)
+    return sorted(store.path for store in stores)
 
 
 def main(argv: list[str] | None = None) -> int:
