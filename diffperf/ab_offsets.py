@@ -27,13 +27,15 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from diffperf.baselines import BaselineError
+
 KEY = "ab_offsets"
 KEEP = 20  # A/A observations kept per entry, oldest dropped first
 MIN_OBSERVATIONS = 5  # fewer say too little about a spread to replace the --perf-ab-process-cv guess
 FLOOR = 0.005  # log-sd: the smallest offset spread claimed (measured worker-pair offsets of SDPA: 0.5 %)
 
 
-class OffsetsError(ValueError):
+class OffsetsError(BaselineError):
     """A saved run or a stored offset that cannot be folded or read (the message names it)."""
 
 
@@ -98,19 +100,24 @@ def judge_first_pair(cmp, offset: OffsetPrior, power: float = 0.8):
     half = float(t.ppf(1 - (1 - cmp.confidence) / 2, df)) * se
     m = math.log(cmp.ratio)
     lo, hi = math.exp(m - half), math.exp(m + half)
-    mds = math.expm1((float(t.ppf(1 - cmp.alpha, df)) + float(t.ppf(power, df))) * se)
+    mds = math.expm1(_detect_factor(cmp.alpha, df, power) * se)
     verdict = ab.decide(cmp.ratio, lo, hi, cmp.p_slower, cmp.p_faster, mds, cmp.tolerance, cmp.alpha,
                         cmp.pairs >= ab.MIN_PAIRS)
     return verdict, lo, hi, mds, se
+
+
+def _detect_factor(alpha: float, df: float, power: float) -> float:
+    """Standard errors between no change and the change detected at ``alpha`` with ``power`` (Student's t)."""
+    from scipy.stats import t
+
+    return float(t.ppf(1 - alpha, df)) + float(t.ppf(power, df))
 
 
 def settle_se(tolerance: float, alpha: float, offset: OffsetPrior, power: float = 0.8) -> float:
     """The pairs' own standard error at which a first pair with a ratio of 1 would settle "unchanged" by
     detecting the tolerance (:func:`judge_first_pair`'s ``min_detectable``); 0 when even error-free pairs
     would not (the offset alone is too wide)."""
-    from scipy.stats import t
-
-    room = math.log1p(tolerance) / (float(t.ppf(1 - alpha, offset.df)) + float(t.ppf(power, offset.df)))
+    room = math.log1p(tolerance) / _detect_factor(alpha, offset.df, power)
     return math.sqrt(room ** 2 - offset.sd ** 2) if room > offset.sd else 0.0
 
 
@@ -168,8 +175,7 @@ def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int =
     named), holds no A/B record, or a record's test id has no baseline entry (fold plain runs first). A run
     folded before is not counted twice.
     """
-    from diffperf.baselines import (BaselineError, BaselineStore, baseline_path, load_runs_oldest_first, round_sig,
-                                    save_all)
+    from diffperf.baselines import BaselineStore, baseline_path, load_runs_oldest_first, round_sig, save_all
 
     if not isinstance(keep, int) or keep < MIN_OBSERVATIONS:
         raise OffsetsError(f"--keep {keep!r}: keep at least {MIN_OBSERVATIONS} A/A observations")
@@ -186,10 +192,7 @@ def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int =
                 raise OffsetsError(f"saved run {run.path}: {bench['fullname']} is not an A/A measurement: {why}")
             hw = rec["hardware_id"]
             if hw not in stores:
-                try:
-                    stores[hw] = BaselineStore.load(baseline_path(baselines_dir, hw))
-                except BaselineError as exc:
-                    raise OffsetsError(str(exc)) from None
+                stores[hw] = BaselineStore.load(baseline_path(baselines_dir, hw))
             entry = stores[hw].get(bench["fullname"])
             if entry is None:
                 raise OffsetsError(f"saved run {run.path}: {bench['fullname']} has no entry in "
