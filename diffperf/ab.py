@@ -699,7 +699,7 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     process pair, whose two workers were started alike) replace the first pair's figures when given: see
     :func:`_across_pairs`.
     """
-    from diffperf.gate import _single_value, _steady_memory
+    from diffperf.gate import _single_value, _steady_memory, first_pipeline_mismatch
 
     lines = [cmp.describe()]
     failures = ["latency"] if cmp.verdict == "regressed" else []
@@ -708,6 +708,9 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     if head.get("memory_kind") != base.get("memory_kind"):
         mem_v, mem_line = "not compared", (f"peak memory: head measured as {head.get('memory_kind')}, base as "
                                            f"{base.get('memory_kind')}; not compared")
+    elif mem_line and first_pipeline_differs(head, base):
+        mem_v, mem_line = "not compared", first_pipeline_mismatch(("head", bool(head["first_in_process"])),
+                                                                  ("base", bool(base["first_in_process"])))
     if memory_pairs:
         mem_v, mem_line = _across_pairs("peak memory", memory_pairs, memory_tolerance, stats.fmt_bytes)
     comp_v, comp_line = _single_value("compile time (head vs base)", head.get("compile_s"), base.get("compile_s"),
@@ -725,6 +728,21 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     headline = f"{test_id}: A/B {' and '.join(failures)} regressed" if failures else f"{test_id}: A/B {cmp.verdict}"
     return AbOutcome(bool(failures), "\n".join([headline, *("  " + ln for ln in lines)]),
                      {"memory_verdict": mem_v, "compile_verdict": comp_v})
+
+
+def first_pipeline_differs(head: dict, base: dict) -> bool:
+    """Whether one side built the case as its framework's first pipeline in its process and the other did not
+    (``first_in_process`` of each; unknown, from a base tree that predates it, is not a difference).
+
+    Note: in the first process pair this is the rule, not the exception, for a run's first torch case: the
+    test process built torch pipelines before it (``perf/test_harness_accuracy.py``, the fidelity reference),
+    the base worker did not. Measured, 19 A/A runs of the default CPU matrix (2026-11-30): tiny fp32 classic grew
+    34-53 MiB in the test process and 92-93 MiB in the base worker, and the single-value rule called its peak
+    memory "improved" in all 12 runs that settled it on the first pair. Such figures are not compared, and do not
+    ask for fresh process pairs either.
+    """
+    h, b = head.get("first_in_process"), base.get("first_in_process")
+    return h is not None and b is not None and bool(h) != bool(b)
 
 
 def _across_pairs(name: str, pairs: Sequence[dict], tolerance: float, fmt) -> tuple[str, str | None]:
@@ -850,8 +868,9 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
     info = runner.compile_info() if hasattr(runner, "compile_info") else {}
     head_compile, head_compile_kind = harness.compile_figure(prepared.cold_start_s, float(np.median(res.head)), info,
                                                              harness.case_compiles(case, info))
-    figures = {"memory": {"head": head_peak, "base": base_stats.get("steady_peak_bytes"), "kind_head": head_kind,
-                          "kind_base": base_stats.get("memory_kind")},
+    unlike = first_pipeline_differs({"first_in_process": getattr(prepared, "first_in_process", None)}, base_built)
+    figures = {"memory": None if unlike else {"head": head_peak, "base": base_stats.get("steady_peak_bytes"),
+                                              "kind_head": head_kind, "kind_base": base_stats.get("memory_kind")},
                "compile": {"head": head_compile, "base": base_compile[0], "kind_head": head_compile_kind,
                            "kind_base": base_compile[1]}}
     blocks, cmp, stopped = ab_replicate.replicate(
@@ -887,6 +906,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     head_side = {"versions": software_versions(), "python": _head_python(), "cold_start_s": prepared.cold_start_s,
                  "build_s": prepared.build_s, "compile_s": rec.get("compile_s"), "compile_kind": rec.get("compile_kind"),
                  "peak_memory_bytes": rec["peak_memory_bytes"], "memory_kind": rec.get("memory_kind"),
+                 "first_in_process": getattr(prepared, "first_in_process", None),
                  "warmup_s": got.head_warm, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     hello = ab.hello or {}
     base_compile, base_compile_kind = got.base_compile
@@ -895,7 +915,8 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                  "compile_s": base_compile, "compile_kind": base_compile_kind,
                  "peak_memory_bytes": {"cold": base_built.get("cold_peak_bytes"),
                                        "steady": base_stats.get("steady_peak_bytes")},
-                 "memory_kind": base_stats.get("memory_kind"), "warmup_s": got.base_warm,
+                 "memory_kind": base_stats.get("memory_kind"), "first_in_process": base_built.get("first_in_process"),
+                 "warmup_s": got.base_warm,
                  "cuda_visible_devices": hello.get("cuda_visible_devices"), "device_env": hello.get("device_env"),
                  "diffperf_file": hello.get("diffperf_file"), "builder_file": base_built.get("builder_file")}
     cmp = got.comparison

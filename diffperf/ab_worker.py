@@ -15,7 +15,7 @@ serving. Requests:
 
 * ``hello`` -> python, versions, the files ``diffperf`` and ``pipelines`` were imported from;
 * ``build`` (``case``: the head's ``Case.as_dict()``; ``slowdown``: a head worker's injected slowdown) -> build
-  and cold-start figures, builder file;
+  and cold-start figures, builder file, whether it was its framework's first pipeline in the worker;
 * ``warm`` (``rounds``) -> seconds of each warmup round; ``reset_memory``;
 * ``round`` -> ``seconds`` of one synchronized call;
 * ``stats`` -> steady peak memory, memory kind, compile info;
@@ -84,7 +84,8 @@ class Worker:
             self.call = harness.slowed(runner.generate, float(req["slowdown"]), runner.synchronize)
         return {"case_id": case.id, "build_s": self.prepared.build_s, "cold_start_s": self.prepared.cold_start_s,
                 "cold_peak_bytes": self.prepared.cold_peak_bytes, "builder_file": getattr(module, "__file__", None),
-                "memory_kind": getattr(runner.memory, "kind", None)}
+                "memory_kind": getattr(runner.memory, "kind", None),
+                "first_in_process": getattr(self.prepared, "first_in_process", None)}  # None: a base tree before it
 
     def _round(self) -> float:
         from diffperf.timing import timed_call

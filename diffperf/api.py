@@ -28,10 +28,10 @@ def make_case(recipe: str, *, framework: str = "torch", preset: str = "tiny", de
 
 def build_pipeline(recipe: str | Case, **kwargs):
     """Build a runner (``generate()``, ``generate_instrumented()``, ``close()``) for a case."""
-    from diffperf.harness import builder
+    from diffperf.harness import build
 
     case = recipe if isinstance(recipe, Case) else make_case(recipe, **kwargs)
-    return builder(case.framework)(case)
+    return build(case)
 
 
 def run_case(recipe: str | Case, *, rounds: int = 5, warmup_rounds: int = 3, **kwargs) -> dict:

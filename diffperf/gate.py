@@ -74,6 +74,19 @@ def _single_value(kind: str, measured: float | None, base: float | None, tol: fl
                      f"(tolerance {tol:.0%}, single value: no statistical test)")
 
 
+def first_pipeline_mismatch(a: tuple[str, bool], b: tuple[str, bool]) -> str:
+    """The "not compared" line for two peak-memory figures of which one was its framework's first pipeline in
+    its process and the other not (``(name, first_in_process)`` each).
+
+    Note: a framework's first pipeline in a process pays one-time allocations (measured: tiny fp32 classic
+    grew 87.8 MiB as the first torch pipeline of its process, 34.8-51.0 MiB over 20 runs that built the fp32
+    reference first), so the two figures measure different things.
+    """
+    where = {True: "as the first", False: "after another"}
+    return (f"peak memory: {a[0]} {where[a[1]]} pipeline of its framework in its process, {b[0]} {where[b[1]]} "
+            f"(a framework's first pipeline pays one-time allocations); not compared")
+
+
 def _steady_memory(value: Any) -> float | None:
     if isinstance(value, dict):
         value = value.get("steady")
@@ -201,13 +214,8 @@ class Gate:
             mem_v, mem_line = "not compared", (f"peak memory: measured as {record['memory_kind']}, baseline as "
                                                f"{base['memory_kind']}; not compared")
         elif mem_line and bool(record.get("first_in_process")) != bool(base.get("first_in_process")):
-            # Measured: tiny fp32 classic grew 87.8 MiB as the first torch pipeline of its process
-            # (--perf-no-fidelity), 34.8-51.0 MiB over 20 runs that built the fp32 reference first.
-            where = {True: "as the first", False: "after another"}
-            mem_v, mem_line = "not compared", (
-                f"peak memory: measured {where[bool(record.get('first_in_process'))]} pipeline of its framework in "
-                f"the process, baseline {where[bool(base.get('first_in_process'))]} (a framework's first pipeline "
-                f"pays one-time allocations); not compared")
+            mem_v, mem_line = "not compared", first_pipeline_mismatch(
+                ("measured", bool(record.get("first_in_process"))), ("baseline", bool(base.get("first_in_process"))))
         elif mem_line and _cache_states_differ(record, base):
             # Measured on the tiny CPU cases: a cold compile leaves compiler memory in the process that the steady
             # phase's RSS still holds (torch.compile +52 MiB, TF XLA +100, JAX jit +210, JAX AOT +22); a warm one not.

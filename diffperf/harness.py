@@ -101,11 +101,22 @@ def cache_state(before: set[str] | None, after: set[str] | None) -> str | None:
 _BUILT_FRAMEWORKS: set[str] = set()  # frameworks that built a pipeline in this process (Prepared.first_in_process)
 
 
+def build(case: Case) -> Any:
+    """Build ``case``'s runner with its framework's builder and note that the framework has built in this process.
+
+    Every build goes through here (``prepare``, ``api.build_pipeline``), so a case's ``first_in_process`` is
+    false after any earlier pipeline of its framework, not only one built by ``prepare``: a run's first
+    torch case after ``perf/test_harness_accuracy.py`` (which builds through the API) is not the first.
+    """
+    runner = builder(case.framework)(case)
+    _BUILT_FRAMEWORKS.add(case.framework)
+    return runner
+
+
 def prepare(case: Case) -> Prepared:
     """Build ``case`` and time its first call (cold start) apart from everything else."""
     first_in_process = case.framework not in _BUILT_FRAMEWORKS
     release_shared(keep=case.framework)
-    build = builder(case.framework)
     from diffperf import memory
 
     memory.preload_stack(getattr(importlib.import_module(framework_spec(case.framework).module), "PRELOAD", ()))
@@ -114,7 +125,6 @@ def prepare(case: Case) -> Prepared:
     try:
         with progress.step(f"{case.framework} {case.id}: build") as built:
             runner = build(case)
-        _BUILT_FRAMEWORKS.add(case.framework)
     finally:
         memory.clear_case_start()  # the runner's probe has read it; a stale mark must not reach later probes
     try:

@@ -426,6 +426,7 @@ def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
     for side in ("head", "base"):
         s = a[side]
         assert s["versions"]["numpy"] and s["cold_start_s"] > 0 and s["peak_memory_bytes"]["steady"] == 1 << 20
+        assert isinstance(s["first_in_process"], bool)  # the memory context, from the worker's build too
     assert a["memory_verdict"] == "unchanged"
     # The plugin's device-sharing settings reach the base worker too.
     assert a["base"]["device_env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
@@ -948,6 +949,29 @@ def test_memory_across_process_pairs_ignores_the_first_pairs_unlike_processes_bu
     out = ab.judge("t", slow, fast, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
                    compile_pairs=[{"head": 6.3, "base": 4.2} | k, {"head": 6.1, "base": 4.4} | k])
     assert out.failed and out.info["compile_verdict"] == "regressed"
+
+
+def test_first_pair_peak_memory_of_a_frameworks_first_pipeline_and_a_later_one_is_not_compared():
+    # Measured, A/A runs of the default CPU matrix: tiny fp32 classic grew 34-53 MiB in the test process (after
+    # the harness-accuracy test's torch pipeline) and 92-93 MiB in the base worker (its first torch pipeline);
+    # the single-value rule called that "improved" in every run that settled the case on the first pair.
+    cmp = ab.paired_compare(*_pairs(1.0, 20, 0.01, 1), tolerance=0.1, alpha=0.01)
+    head = {"peak_memory_bytes": {"steady": 47 << 20}, "memory_kind": "peak_rss_growth", "first_in_process": False}
+    base = {"peak_memory_bytes": {"steady": 93 << 20}, "memory_kind": "peak_rss_growth", "first_in_process": True}
+    out = ab.judge("t", head, base, cmp, memory_tolerance=0.1, compile_tolerance=0.25)
+    assert out.info["memory_verdict"] == "not compared" and not out.failed
+    assert ("peak memory: head after another pipeline of its framework in its process, base as the first"
+            in out.message)
+    assert ab.first_pipeline_differs(head, base) and not ab.first_pipeline_differs(head, head)
+    # A base tree that predates the field reports nothing: compared as before.
+    assert ab.judge("t", head, base | {"first_in_process": None}, cmp, memory_tolerance=0.1,
+                    compile_tolerance=0.25).info["memory_verdict"] == "improved"
+    # A growth in a like context is still a regression, and fresh pairs still decide when they ran.
+    grown = head | {"peak_memory_bytes": {"steady": 120 << 20}, "first_in_process": True}
+    assert ab.judge("t", grown, base, cmp, memory_tolerance=0.1, compile_tolerance=0.25).failed
+    alike = [{"head": 92 << 20, "base": 93 << 20, "kind_head": "peak_rss_growth", "kind_base": "peak_rss_growth"}]
+    assert ab.judge("t", head, base, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
+                    memory_pairs=alike).info["memory_verdict"] == "unchanged"
 
 
 def test_a_single_value_change_in_one_fresh_pair_takes_another_before_it_fails():

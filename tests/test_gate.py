@@ -553,7 +553,7 @@ def test_memory_of_a_frameworks_first_pipeline_in_its_process_is_judged_only_aga
     first = record(lognormal(12, seed=7), memory=int(87.8 * mib)) | {"first_in_process": True}
     out = gate.check("t::a", HW, first)
     assert out.info["memory_verdict"] == "not compared" and not out.failed
-    assert "measured as the first pipeline of its framework in the process, baseline after another" in out.message
+    assert "measured as the first pipeline of its framework in its process, baseline after another" in out.message
     later = record(lognormal(12, seed=7), memory=int(87.8 * mib)) | {"first_in_process": False}
     assert gate.check("t::a", HW, later).info["memory_verdict"] == "regressed"  # the same growth after another one
     # A history of first-in-process runs judges the next one.

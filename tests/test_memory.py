@@ -116,3 +116,44 @@ def test_prepare_counts_the_builds_weights_and_not_an_earlier_allocation(monkeyp
     alone, after = cold_peak(0), cold_peak(512 * MiB)
     assert 80 * MiB <= alone <= 96 * MiB + 64 * MiB, alone / MiB
     assert abs(after - alone) <= 48 * MiB, (alone / MiB, after / MiB)
+
+
+def test_a_pipeline_built_through_the_api_makes_the_next_case_not_the_first_in_its_process(monkeypatch):
+    """``first_in_process`` (the memory context of a case) counts every build of the framework, not only
+    ``harness.prepare``'s: ``perf/test_harness_accuracy.py`` builds a torch pipeline through the API before the
+    matrix, and a first case recorded as "first" then grew 34-53 MiB instead of a first pipeline's 88-93 MiB."""
+    from diffperf import api, harness
+    from diffperf.cases import Case
+    from pipelines.torch_recipes import TorchRecipe
+
+    class Runner:
+        def __init__(self):
+            self.memory = memory.RSSProbe()
+
+        def synchronize(self):
+            pass
+
+        def generate(self):
+            return 0.0
+
+        def generate_instrumented(self):
+            return self.generate(), None
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(harness, "builder", lambda framework: lambda case: Runner())
+    monkeypatch.setattr(harness, "_BUILT_FRAMEWORKS", set())
+    case = Case("torch", TorchRecipe.from_tag("fp32-sdpa"), "tiny", steps=2)
+    firsts = []
+    for _ in range(2):
+        prepared = harness.prepare(case)
+        firsts.append(prepared.first_in_process)
+        prepared.close()
+    assert firsts == [True, False]
+    monkeypatch.setattr(harness, "_BUILT_FRAMEWORKS", set())
+    api.build_pipeline(case).close()
+    prepared = harness.prepare(case)
+    prepared.close()
+    assert prepared.first_in_process is False
+    assert harness._BUILT_FRAMEWORKS == {"torch"}  # another framework's first pipeline is still its first
