@@ -708,7 +708,7 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     if head.get("memory_kind") != base.get("memory_kind"):
         mem_v, mem_line = "not compared", (f"peak memory: head measured as {head.get('memory_kind')}, base as "
                                            f"{base.get('memory_kind')}; not compared")
-    elif mem_line and first_pipeline_differs(head, base):
+    elif mem_line and first_pipeline_differs(head.get("first_in_process"), base.get("first_in_process")):
         mem_v, mem_line = "not compared", first_pipeline_mismatch(("head", bool(head["first_in_process"])),
                                                                   ("base", bool(base["first_in_process"])))
     if memory_pairs:
@@ -730,9 +730,9 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
                      {"memory_verdict": mem_v, "compile_verdict": comp_v})
 
 
-def first_pipeline_differs(head: dict, base: dict) -> bool:
+def first_pipeline_differs(head: bool | None, base: bool | None) -> bool:
     """Whether one side built the case as its framework's first pipeline in its process and the other did not
-    (``first_in_process`` of each; unknown, from a base tree that predates it, is not a difference).
+    (``first_in_process`` of each; ``None``, from a base tree that predates it, is not a difference).
 
     Note: in the first process pair this is the rule, not the exception, for a run's first torch case: the
     test process built torch pipelines before it (``perf/test_harness_accuracy.py``, the fidelity reference),
@@ -741,8 +741,7 @@ def first_pipeline_differs(head: dict, base: dict) -> bool:
     memory "improved" in all 12 runs that settled it on the first pair. Such figures are not compared, and do not
     ask for fresh process pairs either.
     """
-    h, b = head.get("first_in_process"), base.get("first_in_process")
-    return h is not None and b is not None and bool(h) != bool(b)
+    return head is not None and base is not None and bool(head) != bool(base)
 
 
 def _across_pairs(name: str, pairs: Sequence[dict], tolerance: float, fmt) -> tuple[str, str | None]:
@@ -868,7 +867,7 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
     info = runner.compile_info() if hasattr(runner, "compile_info") else {}
     head_compile, head_compile_kind = harness.compile_figure(prepared.cold_start_s, float(np.median(res.head)), info,
                                                              harness.case_compiles(case, info))
-    unlike = first_pipeline_differs({"first_in_process": getattr(prepared, "first_in_process", None)}, base_built)
+    unlike = first_pipeline_differs(prepared.first_in_process, base_built.get("first_in_process"))
     figures = {"memory": None if unlike else {"head": head_peak, "base": base_stats.get("steady_peak_bytes"),
                                               "kind_head": head_kind, "kind_base": base_stats.get("memory_kind")},
                "compile": {"head": head_compile, "base": base_compile[0], "kind_head": head_compile_kind,
@@ -906,7 +905,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     head_side = {"versions": software_versions(), "python": _head_python(), "cold_start_s": prepared.cold_start_s,
                  "build_s": prepared.build_s, "compile_s": rec.get("compile_s"), "compile_kind": rec.get("compile_kind"),
                  "peak_memory_bytes": rec["peak_memory_bytes"], "memory_kind": rec.get("memory_kind"),
-                 "first_in_process": getattr(prepared, "first_in_process", None),
+                 "first_in_process": prepared.first_in_process,
                  "warmup_s": got.head_warm, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     hello = ab.hello or {}
     base_compile, base_compile_kind = got.base_compile

@@ -361,6 +361,7 @@ def fold_runs(run_paths: list[str | os.PathLike[str]], baselines_dir: str | os.P
 
 def save_all(stores) -> list[Path]:
     """Save every store (:meth:`BaselineStore.save`, atomic each); their paths, sorted."""
+    stores = list(stores)  # iterated twice
     for store in stores:
         store.save()
     return sorted(store.path for store in stores)
