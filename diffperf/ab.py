@@ -692,19 +692,28 @@ class AbOutcome:
 
 
 def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_tolerance: float,
-          compile_tolerance: float, memory_pairs: Sequence[dict] = (), compile_pairs: Sequence[dict] = ()) -> AbOutcome:
+          compile_tolerance: float, memory_pairs: Sequence[dict] = (), compile_pairs: Sequence[dict] = (),
+          memory_offset=None) -> AbOutcome:
     """The A/B verdict of a test: latency from the pairs, peak memory and compile time as single values.
 
     ``memory_pairs`` / ``compile_pairs`` (``{"head", "base", "kind_head", "kind_base"}`` of each further
     process pair, whose two workers were started alike) replace the first pair's figures when given: see
-    :func:`_across_pairs`.
+    :func:`_across_pairs`. Without further pairs, ``memory_offset`` (the case's stored A/A offsets, an
+    :class:`diffperf.ab_offsets.OffsetPrior` with a ``memory_range``) is the first pair's memory ratio under no
+    change: see :func:`_first_pair_memory`.
     """
     from diffperf.gate import _single_value, _steady_memory, first_pipeline_mismatch
 
     lines = [cmp.describe()]
     failures = ["latency"] if cmp.verdict == "regressed" else []
-    mem_v, mem_line = _single_value("peak memory (head vs base)", _steady_memory(head.get("peak_memory_bytes")),
-                                    _steady_memory(base.get("peak_memory_bytes")), memory_tolerance, stats.fmt_bytes)
+    head_mem, base_mem = (_steady_memory(side.get("peak_memory_bytes")) for side in (head, base))
+    aa = getattr(memory_offset, "memory_range", None)
+    if aa and not memory_pairs:
+        mem_v, mem_line = _first_pair_memory(head_mem, base_mem, aa, memory_offset.memory_observations,
+                                             memory_tolerance)
+    else:
+        mem_v, mem_line = _single_value("peak memory (head vs base)", head_mem, base_mem, memory_tolerance,
+                                        stats.fmt_bytes)
     if head.get("memory_kind") != base.get("memory_kind"):
         mem_v, mem_line = "not compared", (f"peak memory: head measured as {head.get('memory_kind')}, base as "
                                            f"{base.get('memory_kind')}; not compared")
@@ -728,6 +737,30 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     headline = f"{test_id}: A/B {' and '.join(failures)} regressed" if failures else f"{test_id}: A/B {cmp.verdict}"
     return AbOutcome(bool(failures), "\n".join([headline, *("  " + ln for ln in lines)]),
                      {"memory_verdict": mem_v, "compile_verdict": comp_v})
+
+
+def _first_pair_memory(head: float | None, base: float | None, aa: tuple[float, float], runs: int,
+                       tolerance: float) -> tuple[str, str | None]:
+    """The first pair's peak memory judged against ``aa``, the lowest and highest head / base ratio of the case's
+    stored A/A first pairs: "regressed" beyond the highest by more than the tolerance, "improved" below the lowest
+    by more, "unchanged" within the tolerance of both ends, else "inconclusive"."""
+    from diffperf.gate import _single_value
+
+    if head is None or base is None or base <= 0:
+        return _single_value("peak memory (head vs base)", head, base, tolerance, stats.fmt_bytes)
+    lo, hi = aa
+    ratio = head / base
+    if ratio / hi > 1 + tolerance:
+        verdict = "regressed"
+    elif ratio / lo < 1 - tolerance:
+        verdict = "improved"
+    elif ratio / lo <= 1 + tolerance and ratio / hi >= 1 - tolerance:
+        verdict = "unchanged"
+    else:
+        verdict = "inconclusive"
+    return verdict, (f"peak memory (head vs base) {verdict}: {stats.fmt_bytes(head)} vs {stats.fmt_bytes(base)}, "
+                     f"ratio {ratio:.3f} against {lo:.3f}-{hi:.3f} in {runs} stored A/A first pairs (tolerance "
+                     f"{tolerance:.0%} of both ends; single value: no statistical test)")
 
 
 def first_pipeline_differs(head: bool | None, base: bool | None) -> bool:
@@ -869,7 +902,8 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
                                                              harness.case_compiles(case, info))
     unlike = first_pipeline_differs(prepared.first_in_process, base_built.get("first_in_process"))
     figures = {"memory": None if unlike else {"head": head_peak, "base": base_stats.get("steady_peak_bytes"),
-                                              "kind_head": head_kind, "kind_base": base_stats.get("memory_kind")},
+                                              "kind_head": head_kind, "kind_base": base_stats.get("memory_kind"),
+                                              "aa_low": (getattr(offset, "memory_range", None) or (None,))[0]},
                "compile": {"head": head_compile, "base": base_compile[0], "kind_head": head_compile_kind,
                            "kind_base": base_compile[1]}}
     blocks, cmp, stopped = ab_replicate.replicate(
@@ -922,7 +956,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     memory_pairs = [b.memory for b in got.blocks[1:] if b.memory]
     compile_pairs = [b.compile for b in got.blocks[1:] if b.compile]
     outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance, memory_pairs,
-                    compile_pairs)
+                    compile_pairs, memory_offset=offset)
     rec["ab"] = {
         "verdict": cmp.verdict, "ratio": cmp.ratio, "ci": [cmp.ci_low, cmp.ci_high], "confidence": cmp.confidence,
         "p": cmp.p_value, "p_slower": cmp.p_slower, "p_faster": cmp.p_faster, "pairs": cmp.pairs,

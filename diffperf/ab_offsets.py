@@ -18,6 +18,14 @@ are Student's t on as many degrees of freedom as there are stored runs: five run
 the interval more than twenty, and an estimate at the floor is not trusted beyond what its runs showed. The
 offsets describe the processes of the matrix the A/A runs ran (what ran before a case in the test process);
 a run of one case alone starts from another state.
+
+The same A/A runs hold the first pair's peak-memory ratio (test process / base worker), which is not 1 either:
+measured in 5 A/A runs of the default CPU matrix, TF XLA tiny 1.06-1.18, JAX jit 1.06-1.11 (outside pytest
+two plain processes differ by 1-3 %; pytest's own process, its plugins off, grows about 30 MiB more on TF XLA).
+Their range (:attr:`OffsetPrior.memory_range`, from :data:`MIN_OBSERVATIONS` on) is the first pair's memory
+ratio under no change: the first pair's figure asks for a fresh process pair only when it exceeds even the
+lowest A/A ratio by the tolerance, and judged alone it is "regressed" only beyond the highest, "unchanged"
+when it is within the tolerance of both ends; further pairs (two workers) are judged as before.
 """
 
 from __future__ import annotations
@@ -46,13 +54,17 @@ class OffsetPrior:
     sd: float  # log standard deviation of the first pair's offset, net of the pairs' own error
     observations: int
     source: str  # where it came from, for the record and the message
+    memory_range: tuple[float, float] | None = None  # lowest and highest first-pair peak-memory ratio (head / base)
+    memory_observations: int = 0  # how many of the stored runs hold one
 
     @property
     def df(self) -> int:
         return self.observations
 
     def as_dict(self) -> dict:
-        return {"sd": self.sd, "observations": self.observations, "source": self.source}
+        return {"sd": self.sd, "observations": self.observations, "source": self.source,
+                "memory_range": list(self.memory_range) if self.memory_range else None,
+                "memory_observations": self.memory_observations}
 
 
 def _finite(value: Any, low: float = -math.inf) -> bool:
@@ -73,6 +85,8 @@ def validate(value: Any, where: str) -> None:
         pairs = item.get("pairs")
         if not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 2:
             raise OffsetsError(f"{where}: {KEY}[{i}]: 'pairs' must be an integer >= 2")
+        if item.get("memory_ratio") is not None and not (_finite(item["memory_ratio"]) and item["memory_ratio"] > 0):
+            raise OffsetsError(f"{where}: {KEY}[{i}]: 'memory_ratio' must be a number > 0 when given")
 
 
 def prior(entry: dict | None, source: str = "baselines") -> OffsetPrior | None:
@@ -83,7 +97,10 @@ def prior(entry: dict | None, source: str = "baselines") -> OffsetPrior | None:
         return None
     var = sum(o["log_ratio"] ** 2 - o["pairs_se"] ** 2 for o in obs) / len(obs)
     sd = max(math.sqrt(max(var, 0.0)), FLOOR)
-    return OffsetPrior(sd, len(obs), f"{source}: {len(obs)} A/A first pairs")
+    memory = [o["memory_ratio"] for o in obs if o.get("memory_ratio") is not None]
+    enough = len(memory) >= MIN_OBSERVATIONS
+    return OffsetPrior(sd, len(obs), f"{source}: {len(obs)} A/A first pairs",
+                       (min(memory), max(memory)) if enough else None, len(memory) if enough else 0)
 
 
 def judge_first_pair(cmp, offset: OffsetPrior, power: float = 0.8):
@@ -128,7 +145,7 @@ def lookup(gate, test_id: str, hardware_id: str) -> OffsetPrior | None:
         return None
     try:
         store = gate.store(hardware_id)
-    except Exception:  # BaselineError: the gate names the file in the test's verdict
+    except BaselineError:  # the gate names the file in the test's verdict
         return None
     return prior(store.get(test_id), f"baselines/{store.path.name}")
 
@@ -167,9 +184,25 @@ def first_pair(ab: dict) -> dict | None:
     return {"log_ratio": math.log(got["ratio"]), "pairs_se": float(got["pairs_se"]), "pairs": int(got["pairs"])}
 
 
+def first_pair_memory(ab: dict) -> float | None:
+    """The first pair's steady peak-memory ratio head / base in the A/B record ``ab``, or ``None`` when a side has
+    no figure, the two were measured as different kinds, or one side built the case as its framework's first
+    pipeline in its process and the other did not (those are not compared at all)."""
+    from diffperf.ab import first_pipeline_differs
+
+    head, base = ab.get("head") or {}, ab.get("base") or {}
+    h, b = ((side.get("peak_memory_bytes") or {}).get("steady") for side in (head, base))
+    if not (_finite(h) and _finite(b) and h > 0 and b > 0) or head.get("memory_kind") != base.get("memory_kind"):
+        return None
+    if first_pipeline_differs(head.get("first_in_process"), base.get("first_in_process")):
+        return None
+    return h / b
+
+
 def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int = KEEP) -> list[Path]:
-    """Append the first-pair log-ratio of every A/A record in the saved runs (oldest run first) to its
-    baseline entry's ``ab_offsets`` (the last ``keep`` kept) and write the files.
+    """Append the first-pair log-ratio (and peak-memory ratio, :func:`first_pair_memory`) of every A/A record in
+    the saved runs (oldest run first) to its baseline entry's ``ab_offsets`` (the last ``keep`` kept) and write
+    the files.
 
     Every run and file is read and checked first; nothing is written when a run is not A/A (the reason is
     named), holds no A/B record, or a record's test id has no baseline entry (fold plain runs first). A run
@@ -202,6 +235,9 @@ def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int =
             item = {"log_ratio": round_sig(obs["log_ratio"]), "pairs_se": round_sig(obs["pairs_se"]),
                     "pairs": obs["pairs"], "commit": (ab.get("head_commit") or {}).get("id"),
                     "recorded_at": str(run.data.get("datetime") or "") or None}
+            memory = first_pair_memory(ab)
+            if memory is not None:
+                item["memory_ratio"] = round_sig(memory)
             found += 1
             held = list(entry.get(KEY) or [])
             if any(o.get("recorded_at") == item["recorded_at"] and o.get("log_ratio") == item["log_ratio"]

@@ -310,9 +310,13 @@ def single_values_pending(first: dict, blocks: Sequence[Block], tolerances: dict
 
 
 def _beyond(figure: dict | None, tol: float) -> bool:
+    """Whether the head's figure exceeds the base's by more than ``tol``; a first pair's memory figure carries
+    ``aa_low``, the lowest ratio of the case's stored A/A first pairs (:mod:`diffperf.ab_offsets`), which the
+    base's figure is scaled by."""
     if not figure or not figure.get("head") or not figure.get("base"):
         return False
-    return figure.get("kind_head") == figure.get("kind_base") and figure["head"] / figure["base"] > 1 + tol
+    base = figure["base"] * (figure.get("aa_low") or 1.0)
+    return figure.get("kind_head") == figure.get("kind_base") and figure["head"] / base > 1 + tol
 
 
 def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, rounds: int, warmup_rounds: int,

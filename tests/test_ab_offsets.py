@@ -219,3 +219,82 @@ def test_the_run_finds_a_cases_offsets_through_the_gates_baseline_file(tmp_path,
     (tmp_path / "broken").mkdir()
     baseline_path(tmp_path / "broken", HW).write_text("{")
     assert ab_offsets.lookup(Gate(GateSettings(baselines_dir=tmp_path / "broken")), TEST_ID, HW) is None
+
+
+# ------------------------------------------------------------------- the first pair's memory ratio
+
+MIB = 2 ** 20
+
+
+def _with_memory(rec: dict, head_mib: float, base_mib: float, *, kinds=("peak_rss_growth", "peak_rss_growth"),
+                 first=(False, False)) -> dict:
+    rec["ab"]["head"].update(peak_memory_bytes={"steady": head_mib * MIB}, memory_kind=kinds[0], first_in_process=first[0])
+    rec["ab"]["base"].update(peak_memory_bytes={"steady": base_mib * MIB}, memory_kind=kinds[1], first_in_process=first[1])
+    return rec
+
+
+def test_the_fold_keeps_the_first_pairs_memory_ratio_and_five_of_them_give_its_range(tmp_path, baselines):
+    # Measured (TF XLA tiny, 5 A/A runs of the default CPU matrix): head / base 1.059-1.180.
+    heads = [448.0, 455.5, 408.8, 435.0, 449.0]
+    runs = [_saved(tmp_path, f"000{i}_aa.json", f"2026-11-30T1{i}:00:00",
+                   [(TEST_ID, _with_memory(_aa_record(1.0), h, 386.0))]) for i, h in enumerate(heads)]
+    # Figures that do not compare are not kept: unlike kinds, or one side its framework's first pipeline.
+    runs.append(_saved(tmp_path, "0005_aa.json", "2026-11-30T16:00:00",
+                       [(TEST_ID, _with_memory(_aa_record(1.0), 900.0, 386.0, kinds=("peak_rss_growth", "device")))]))
+    runs.append(_saved(tmp_path, "0006_aa.json", "2026-11-30T17:00:00",
+                       [(TEST_ID, _with_memory(_aa_record(1.0), 40.0, 92.0, first=(False, True)))]))
+    runs.append(_saved(tmp_path, "0007_aa.json", "2026-11-30T18:00:00", [(TEST_ID, _aa_record(1.0))]))  # no figures
+    ab_offsets.fold(runs, baselines)
+    entry = BaselineStore.load(baseline_path(baselines, HW)).get(TEST_ID)
+    kept = [o.get("memory_ratio") for o in entry[ab_offsets.KEY]]
+    assert kept[:5] == [pytest.approx(h / 386.0, rel=1e-5) for h in heads] and kept[5:] == [None, None, None]
+    got = ab_offsets.prior(entry)
+    assert got.memory_range == pytest.approx((408.8 / 386.0, 455.5 / 386.0), rel=1e-5) and got.memory_observations == 5
+    assert got.as_dict()["memory_range"] == list(got.memory_range)
+    # Fewer than five memory ratios: none is claimed (the latency spread still is).
+    four = ab_offsets.prior({ab_offsets.KEY: [dict(o, memory_ratio=1.1) for o in _observations([0.0] * 4)]
+                             + _observations([0.0] * 3)})
+    assert four.observations == 7 and four.memory_range is None and four.memory_observations == 0
+    data = json.loads(baseline_path(baselines, HW).read_text())
+    data["entries"][TEST_ID][ab_offsets.KEY][0]["memory_ratio"] = -1
+    baseline_path(baselines, HW).write_text(json.dumps(data))
+    with pytest.raises(BaselineError, match=r"ab_offsets\[0\]: 'memory_ratio' must be a number > 0 when given"):
+        BaselineStore.load(baseline_path(baselines, HW))
+
+
+def test_the_first_pairs_memory_is_judged_against_its_a_a_range_not_against_one():
+    # The test process's TF XLA figure ran 6-18 % above the base worker's in every A/A run: against 1, the first
+    # pair's memory asked for a fresh process pair in most A/B runs, and failed a test settled on one pair.
+    ratios = [1.059, 1.127, 1.160, 1.163, 1.180]
+    offset = ab_offsets.prior({ab_offsets.KEY: [dict(o, memory_ratio=r) for o, r in zip(_observations([0.0] * 5), ratios)]})
+    assert offset.memory_range == (1.059, 1.180)
+    first = {"head": 1.14 * 386 * MIB, "base": 386 * MIB, "kind_head": "peak_rss_growth", "kind_base": "peak_rss_growth"}
+    tolerances = {"memory": 0.10, "compile": None}
+    assert ab_replicate.single_values_pending({"memory": first}, [], tolerances)  # against 1: a fresh pair
+    aa_low = offset.memory_range[0]
+    assert not ab_replicate.single_values_pending({"memory": dict(first, aa_low=aa_low)}, [], tolerances)
+    # Beyond the lowest A/A ratio by more than the tolerance: a change of 10 % may hide there, so look again
+    # (1.18 is the highest A/A ratio: one A/A run in five pays a fresh pair, as the rule must).
+    assert ab_replicate.single_values_pending({"memory": dict(first, head=1.18 * 386 * MIB, aa_low=aa_low)}, [],
+                                              tolerances)
+
+    cmp = ab.paired_compare([0.1] * 12, [0.1] * 12, tolerance=0.10, alpha=0.01)
+
+    def side(ratio):
+        return {"peak_memory_bytes": {"steady": ratio * 386 * MIB}, "memory_kind": "peak_rss_growth",
+                "first_in_process": False}
+
+    def verdict(ratio, **kw):
+        return ab.judge("t", side(ratio), side(1.0), cmp, 0.10, 0.25, **kw)
+
+    assert verdict(1.14).failed and verdict(1.14).info["memory_verdict"] == "regressed"  # against 1
+    scaled = verdict(1.14, memory_offset=offset)
+    assert not scaled.failed and scaled.info["memory_verdict"] == "unchanged"
+    assert "ratio 1.140 against 1.059-1.180 in 5 stored A/A first pairs" in scaled.message
+    assert verdict(1.20, memory_offset=offset).info["memory_verdict"] == "inconclusive"  # not ruled out, not shown
+    assert verdict(1.32, memory_offset=offset).info["memory_verdict"] == "regressed"  # beyond the highest by 12 %
+    assert verdict(0.93, memory_offset=offset).info["memory_verdict"] == "improved"
+    # Further pairs (two workers, alike) are judged as they were: the A/A range is the first pair's only.
+    pairs = [{"head": 390 * MIB, "base": 386 * MIB, "kind_head": "peak_rss_growth", "kind_base": "peak_rss_growth"}] * 2
+    across = verdict(1.14, memory_pairs=pairs, memory_offset=offset)
+    assert across.info["memory_verdict"] == "unchanged" and "stored A/A" not in across.message
