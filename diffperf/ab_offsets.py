@@ -25,7 +25,8 @@ two plain processes differ by 1-3 %; pytest's own process, its plugins off, grow
 Their range (:attr:`OffsetPrior.memory_range`, from :data:`MIN_OBSERVATIONS` on) is the first pair's memory
 ratio under no change: the first pair's figure asks for a fresh process pair only when it exceeds even the
 lowest A/A ratio by the tolerance, and judged alone it is "regressed" only beyond the highest, "unchanged"
-when it is within the tolerance of both ends; further pairs (two workers) are judged as before.
+within the tolerance of the lowest (:func:`diffperf.ab._first_pair_memory`); further pairs (two workers) are
+judged as before.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ has ``ok``; a failed request answers ``{"ok": false, "error": ..., "kind": ...}`
 serving. Requests:
 
 * ``hello`` -> python, versions, the files ``diffperf`` and ``pipelines`` were imported from;
+* ``preload`` (``case``) -> the case's builder module and the stack it imports lazily are imported (what two
+  workers of a process pair do at once before they build one at a time);
 * ``build`` (``case``: the head's ``Case.as_dict()``; ``slowdown``: a head worker's injected slowdown) -> build
   and cold-start figures, builder file, whether it was its framework's first pipeline in the worker;
 * ``warm`` (``rounds``) -> seconds of each warmup round; ``reset_memory``;
@@ -67,6 +69,19 @@ class Worker:
                 "diffperf_file": diffperf.__file__, "pipelines_path": list(pipelines.__path__), "versions": versions,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "device_env": {k: os.environ.get(k) for k in DEVICE_ENV}}
+
+    def preload(self, req: dict) -> dict:
+        import importlib
+
+        from diffperf.cases import framework_spec
+
+        module = importlib.import_module(framework_spec(_case(req["case"]).framework).module)
+        try:
+            from diffperf.memory import preload_stack
+        except ImportError:  # a base tree before it: the build imports the rest
+            return {}
+        preload_stack(getattr(module, "PRELOAD", ()))
+        return {}
 
     def build(self, req: dict) -> dict:
         import importlib
@@ -151,7 +166,7 @@ def main() -> int:
             worker.release({})
             proto.write(json.dumps({"ok": True}) + "\n")
             return 0
-        handler = getattr(worker, cmd, None) if cmd in ("hello", "build", "warm", "reset_memory", "round", "stats",
+        handler = getattr(worker, cmd, None) if cmd in ("hello", "preload", "build", "warm", "reset_memory", "round", "stats",
                                                         "release") else None
         try:
             if handler is None:
