@@ -905,7 +905,7 @@ def pair_up(ab: AbSession, prepared, *, test_id: str, rounds: int, warmup_rounds
     unlike = first_pipeline_differs(prepared.first_in_process, base_built.get("first_in_process"))
     figures = {"memory": None if unlike else {"head": head_peak, "base": base_stats.get("steady_peak_bytes"),
                                               "kind_head": head_kind, "kind_base": base_stats.get("memory_kind"),
-                                              "aa_low": (getattr(offset, "memory_range", None) or (None,))[0]},
+                                              "aa_low": offset.memory_range[0] if offset and offset.memory_range else None},
                "compile": {"head": head_compile, "base": base_compile[0], "kind_head": head_compile_kind,
                            "kind_base": base_compile[1]}}
     blocks, cmp, stopped = ab_replicate.replicate(

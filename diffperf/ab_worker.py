@@ -32,6 +32,7 @@ import sys
 import traceback
 
 
+REQUESTS = ("hello", "preload", "build", "warm", "reset_memory", "round", "stats", "release")  # and "close"
 # The device-sharing settings the head's plugin put in the environment (inherited by this worker).
 DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_PREALLOCATE", "TF_FORCE_GPU_ALLOW_GROWTH", "TF_XLA_FLAGS")
 
@@ -166,8 +167,7 @@ def main() -> int:
             worker.release({})
             proto.write(json.dumps({"ok": True}) + "\n")
             return 0
-        handler = getattr(worker, cmd, None) if cmd in ("hello", "preload", "build", "warm", "reset_memory", "round", "stats",
-                                                        "release") else None
+        handler = getattr(worker, cmd, None) if cmd in REQUESTS else None
         try:
             if handler is None:
                 raise ValueError(f"unknown request {cmd!r}")
