@@ -442,6 +442,7 @@ class AbSession:
         self.base_python: str | None = None
         self.replicas: list = []  # workers of the further process pairs now running (closed on every exit path)
         self.pool: dict = {}  # process pair index -> (head worker, base worker) kept for the next case
+        self._preloading: BaseWorker | None = None  # the worker whose "preload" answer is still to be read
         self._closed = False
         self._old_sigterm = None
         self.head_commit = head_commit(settings.rootdir)
@@ -564,8 +565,39 @@ class AbSession:
 
     # -- one case ----------------------------------------------------------------------------------
 
+    def preload(self, case) -> None:
+        """Start importing ``case``'s stack in the worker (started first when needed) and return at once;
+        :meth:`await_preload` waits for it. A side that cannot start or import is left for :meth:`build` to
+        report, with the case named.
+
+        Note: the test process imports the same stack just before it builds the head (``harness.prepare``), and
+        imports are mostly one thread each, so on two cores the two imports overlap instead of following one
+        another (measured, 2-core VM: the base worker's TF import took about 4 s and JAX's about 3 s of each A/B
+        run). Nothing is built or timed on either side until both are done.
+        """
+        try:
+            worker = self.start()
+            self.await_preload()
+            worker.send("preload", case=case.as_dict())
+        except AbError:
+            return
+        self._preloading = worker
+
+    def await_preload(self) -> None:
+        """Wait for the worker's imports that :meth:`preload` started (a failure is :meth:`build`'s to report:
+        a worker that died is discarded, so the build starts a fresh one and names what is wrong)."""
+        worker, self._preloading = self._preloading, None
+        if worker is None or worker is not self.worker:
+            return
+        try:
+            worker.receive("preload", max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S))
+        except AbWorkerError:
+            if worker.proc.poll() is not None or worker.busy:
+                self.discard_worker()
+
     def build(self, case) -> dict:
         """Build ``case`` in the worker; a device-memory failure becomes :class:`AbDoesNotFit`."""
+        self.await_preload()
         worker = self.start()
         try:
             with _progress(f"A/B base {case.id}: build and first call in the base worker"):

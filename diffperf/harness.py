@@ -113,13 +113,19 @@ def build(case: Case) -> Any:
     return runner
 
 
-def prepare(case: Case) -> Prepared:
-    """Build ``case`` and time its first call (cold start) apart from everything else."""
+def prepare(case: Case, after_imports: Callable[[], Any] | None = None) -> Prepared:
+    """Build ``case`` and time its first call (cold start) apart from everything else.
+
+    ``after_imports`` is called once the case's stack is imported, before anything is built or timed (the A/B
+    run waits there for the base worker's imports of the same stack, which ran alongside this process's).
+    """
     first_in_process = case.framework not in _BUILT_FRAMEWORKS
     release_shared(keep=case.framework)
     from diffperf import memory
 
     memory.preload_stack(getattr(importlib.import_module(framework_spec(case.framework).module), "PRELOAD", ()))
+    if after_imports is not None:
+        after_imports()
     cached_before = cache_entries()
     memory.mark_case_start()  # after the stack's imports, before the build: the CPU memory figure's zero
     try:

@@ -486,7 +486,7 @@ def perf_case(request: pytest.FixtureRequest, perf_session: PerfSession):
     case: Case = request.param
     if not case.is_reference:
         perf_session.build_reference(case)  # before the case: never both on the device at once
-    prepared = prepare(case)
+    prepared = prepare(case, after_imports=perf_session.ab_imports(case, request.session))
     if case.is_reference:
         perf_session.references.setdefault(case, prepared.generation)
     try:

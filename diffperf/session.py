@@ -132,6 +132,17 @@ class PerfSession:
             processes=opt("perf_ab_processes"), memory_tolerance=opt("perf_memory_tolerance"),
             compile_tolerance=opt("perf_compile_tolerance"))
 
+    def ab_imports(self, case: Case, session: pytest.Session):
+        """When this run measures ``case`` as A/B (``--perf-ab-base``/``--perf-ab-python`` and its latency test
+        selected), start the base worker's imports of its stack now and return what waits for them
+        (``harness.prepare``'s ``after_imports``: the test process imports its own meanwhile); else ``None``."""
+        if self.ab is None or not any(getattr(item, "originalname", None) == "test_latency"
+                                      and getattr(item, "callspec", None) is not None
+                                      and item.callspec.params.get("perf_case") == case for item in session.items):
+            return None
+        self.ab.preload(case)
+        return self.ab.await_preload
+
     def close_ab(self) -> None:
         """Stop every A/B base worker and remove its worktree (--perf-ab-base and the inline confirmations)."""
         for session in [self.ab, *self.confirmers.values()]:
