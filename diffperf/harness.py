@@ -113,6 +113,13 @@ def build(case: Case) -> Any:
     return runner
 
 
+def import_stack(case: Case) -> None:
+    """Import ``case``'s builder module and the stack it imports lazily (its ``PRELOAD``), as a build would."""
+    from diffperf import memory
+
+    memory.preload_stack(getattr(importlib.import_module(framework_spec(case.framework).module), "PRELOAD", ()))
+
+
 def prepare(case: Case, after_imports: Callable[[], Any] | None = None) -> Prepared:
     """Build ``case`` and time its first call (cold start) apart from everything else.
 
@@ -123,7 +130,7 @@ def prepare(case: Case, after_imports: Callable[[], Any] | None = None) -> Prepa
     release_shared(keep=case.framework)
     from diffperf import memory
 
-    memory.preload_stack(getattr(importlib.import_module(framework_spec(case.framework).module), "PRELOAD", ()))
+    import_stack(case)
     if after_imports is not None:
         after_imports()
     cached_before = cache_entries()

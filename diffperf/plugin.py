@@ -495,6 +495,13 @@ def perf_case(request: pytest.FixtureRequest, perf_session: PerfSession):
         prepared.close()
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """With A/B on, start the base worker and import the first case's stack on both sides at once."""
+    perf = getattr(session.config, "_diffperf_session", None)
+    if perf is not None and not session.config.option.collectonly:
+        perf.start_ab(session.items)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     perf = getattr(session.config, "_diffperf_session", None)
     if perf is not None:

@@ -136,12 +136,26 @@ class PerfSession:
         """When this run measures ``case`` as A/B (``--perf-ab-base``/``--perf-ab-python`` and its latency test
         selected), start the base worker's imports of its stack now and return what waits for them
         (``harness.prepare``'s ``after_imports``: the test process imports its own meanwhile); else ``None``."""
-        if self.ab is None or not any(getattr(item, "originalname", None) == "test_latency"
-                                      and getattr(item, "callspec", None) is not None
-                                      and item.callspec.params.get("perf_case") == case for item in session.items):
+        if self.ab is None or case not in _ab_cases(session.items):
             return None
         self.ab.preload(case)
         return self.ab.await_preload
+
+    def start_ab(self, items) -> None:
+        """Before the first test: start the base worker and import the first A/B case's stack in it and in this
+        process at once (the test process would otherwise import it in its first test, the worker later)."""
+        from diffperf.harness import import_stack
+
+        cases = _ab_cases(items) if self.ab is not None else []
+        if not cases:
+            return
+        self.ab.preload(cases[0])
+        try:
+            import_stack(cases[0])
+        except Exception:  # the case's own build reports it
+            pass
+        finally:
+            self.ab.await_preload()
 
     def close_ab(self) -> None:
         """Stop every A/B base worker and remove its worktree (--perf-ab-base and the inline confirmations)."""
@@ -182,6 +196,13 @@ class PerfSession:
                 pytest.skip(ref.message)
             raise FidelityError(ref.message)
         return ref
+
+
+def _ab_cases(items) -> list[Case]:
+    """The cases whose latency test is among ``items`` and not skipped by a mark, in run order (A/B measures them)."""
+    return [item.callspec.params["perf_case"] for item in items
+            if getattr(item, "originalname", None) == "test_latency" and getattr(item, "callspec", None) is not None
+            and "perf_case" in item.callspec.params and item.get_closest_marker("skip") is None]
 
 
 def make_gate(config: pytest.Config):

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -502,6 +503,49 @@ def test_the_base_worker_imports_the_cases_stack_while_the_test_process_imports_
     assert max(head[0], base[0]) < min(head[1], base[1]), (head, base)  # at the same time
     first_build = min(float(line.split()[1]) for line in builds.read_text().splitlines())
     assert first_build >= max(head[1], base[1]), (first_build, head, base)  # no build before both are done
+
+
+class _RecordingAb:
+    def __init__(self):
+        self.calls = []
+
+    def preload(self, case):
+        self.calls.append(("base imports", case))
+
+    def await_preload(self):
+        self.calls.append(("wait", None))
+
+
+def _item(name: str, case, skipped: bool = False):
+    mark = pytest.mark.skip(reason="no CUDA").mark if skipped else None
+    return types.SimpleNamespace(originalname=name, callspec=types.SimpleNamespace(params={"perf_case": case}),
+                                 get_closest_marker=lambda n: mark if n == "skip" else None)
+
+
+def test_the_base_worker_imports_a_stack_only_for_a_case_whose_latency_test_runs(monkeypatch):
+    from diffperf import harness
+    from diffperf.cases import Case
+    from pipelines.torch_recipes import TorchRecipe
+    from diffperf.session import PerfSession
+
+    cuda, fidelity_only, cpu = (Case("torch", TorchRecipe.from_tag(tag), "tiny", steps=2)
+                                for tag in ("fp32-classic", "fp32-sdpa", "bf16-sdpa"))
+    items = [_item("test_latency", cuda, skipped=True), _item("test_fidelity", fidelity_only),
+             _item("test_latency", cpu), _item("test_fidelity", cpu)]
+    perf = PerfSession.__new__(PerfSession)
+    perf.ab = _RecordingAb()
+    monkeypatch.setattr(harness, "import_stack", lambda case: perf.ab.calls.append(("test process imports", case)))
+    perf.start_ab(items)  # before the first test: both sides import the first A/B case's stack at once
+    assert perf.ab.calls == [("base imports", cpu), ("test process imports", cpu), ("wait", None)]
+    perf.ab.calls.clear()
+    session = types.SimpleNamespace(items=items)
+    assert perf.ab_imports(cuda, session) is None and perf.ab_imports(fidelity_only, session) is None
+    assert perf.ab.calls == []
+    assert perf.ab_imports(cpu, session) == perf.ab.await_preload  # prepare() waits there, after its own imports
+    assert perf.ab.calls == [("base imports", cpu)]
+    perf.ab = None
+    assert perf.ab_imports(cpu, session) is None
+    perf.start_ab(items)  # no A/B: nothing to start
 
 
 def test_ab_regression_fails_the_test(ab_repo):
