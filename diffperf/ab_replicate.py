@@ -38,11 +38,12 @@ PRIOR_DF = 4  # weight of the --perf-ab-process-cv prior on the between-pair var
 # lies inside the tolerance: measured offsets of one pair reached 5-6.5 % (fp32-classic, sd 2.7 %), so a
 # change of the tolerance's size cannot hide behind one at 3x the default 1 %.
 SETTLE_OFFSET_FACTOR = 3.0
-# The two workers of a further pair import the case's stack at once, then build one at a time, the head first in
-# even pairs and the base first in odd ones. Measured on the 2-core VM: two workers building tiny fp32 classic at
-# once took 30.8 s, each first call 12.0 s (against 0.17 s alone: two processes' thread pools on two cores);
-# one alone 6.8 s. So concurrent builds cost a replicated case 30 s a pair and made the pairs' compile figures
-# measure the contention.
+# The two workers of a further pair import the case's stack and build its pipeline at once, then make their first
+# calls (cold start, compile) one at a time, the head first in even pairs and the base first in odd ones. Measured
+# on the 2-core VM: two workers building tiny fp32 classic and making its first call at once took 30.8 s, each
+# first call 12.0 s (against 0.17 s alone: two processes' thread pools on two cores); one alone 6.8 s. So
+# concurrent first calls cost a replicated case 30 s a pair and made the pairs' compile figures measure the
+# contention; a build is mostly one thread (Keras traces its functional models in Python: TF tiny 7.5-9 s).
 # Process pairs 2 .. 1 + POOL_PAIRS are kept for the next case (their pipelines released), so a run pays each
 # worker's start and imports once; further pairs are started for one case and closed. Measured on the 2-core
 # VM: a further pair's start, imports and build took 8-24 s a case, the build alone 0.2-9 s.
@@ -202,14 +203,14 @@ def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, roun
     try:
         timeout = max(session.settings.timeout_s, ab.BUILD_TIMEOUT_FLOOR_S)
         with ab._progress(f"A/B {case.id}: build in the head and base workers of process pair {index}"):
-            for worker in (head, base):  # imports at once; builds one at a time (module note)
-                worker.send("preload", case=case.as_dict())
+            for worker in (head, base):  # built at once; first calls one at a time (module note)
+                worker.send("build", case=case.as_dict(), hold=True,
+                            **({"slowdown": inject_slowdown} if inject_slowdown and worker is head else {}))
             for worker in (head, base):
-                _built(worker, case, timeout, "preload")
+                _built(worker, case, timeout)  # {"stage": "built"}
             built = {}
             for worker in ((head, base) if index % 2 == 0 else (base, head)):
-                worker.send("build", case=case.as_dict(),
-                            **({"slowdown": inject_slowdown} if inject_slowdown and worker is head else {}))
+                worker.send("go")
                 built[worker.side] = _built(worker, case, timeout)
 
         def head_round() -> float:
@@ -278,9 +279,9 @@ def _release_all(workers: Sequence[ab.BaseWorker]) -> bool:
     return True
 
 
-def _built(worker: ab.BaseWorker, case, timeout: float, cmd: str = "build") -> dict:
+def _built(worker: ab.BaseWorker, case, timeout: float) -> dict:
     try:
-        return worker.receive(cmd, timeout)
+        return worker.receive("build", timeout)
     except ab.AbWorkerError as exc:
         raise ab.build_error(exc, case, worker.side, worker.python, "next to the test process' pipeline") from None
 

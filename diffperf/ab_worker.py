@@ -14,10 +14,14 @@ has ``ok``; a failed request answers ``{"ok": false, "error": ..., "kind": ...}`
 serving. Requests:
 
 * ``hello`` -> python, versions, the files ``diffperf`` and ``pipelines`` were imported from;
-* ``preload`` (``case``) -> the case's builder module and the stack it imports lazily are imported (what two
-  workers of a process pair do at once before they build one at a time);
+* ``preload`` (``case``) -> the case's builder module and the stack it imports lazily are imported (what the
+  base worker does while the test process imports the same stack);
 * ``build`` (``case``: the head's ``Case.as_dict()``; ``slowdown``: a head worker's injected slowdown) -> build
-  and cold-start figures, builder file, whether it was its framework's first pipeline in the worker;
+  and cold-start figures, builder file, whether it was its framework's first pipeline in the worker. With
+  ``hold``, the worker answers ``{"ok": true, "stage": "built"}`` once the pipeline is built and waits for a
+  ``go`` line before its first call (any other line ends the worker): the two workers of a further process pair
+  build at once and make their timed first calls one at a time. A base tree whose ``harness.prepare`` cannot
+  stop there answers ``built`` before it starts, so it builds alone;
 * ``warm`` (``rounds``) -> seconds of each warmup round; ``reset_memory``;
 * ``round`` -> ``seconds`` of one synchronized call;
 * ``stats`` -> steady peak memory, memory kind, compile info;
@@ -52,9 +56,18 @@ def _case(d: dict):
 
 
 class Worker:
-    def __init__(self) -> None:
+    def __init__(self, proto=None) -> None:
         self.prepared = None
         self.call = None
+        self.proto = proto  # the protocol's output (a held build answers twice)
+
+    def _hold(self) -> None:
+        """Answer that the pipeline is built, then wait for ``go`` (anything else, or EOF, ends the worker)."""
+        self.proto.write(json.dumps({"ok": True, "stage": "built"}) + "\n")
+        line = sys.stdin.readline()
+        if (json.loads(line) if line.strip() else {}).get("cmd") != "go":
+            self.proto.write(json.dumps({"ok": True}) + "\n")
+            raise SystemExit(0)
 
     def hello(self, req: dict) -> dict:
         import diffperf
@@ -93,7 +106,15 @@ class Worker:
         self.release({})
         case = _case(req["case"])
         module = importlib.import_module(framework_spec(case.framework).module)
-        self.prepared = harness.prepare(case)
+        hold = {}
+        if req.get("hold"):
+            import inspect
+
+            if "before_first_call" in inspect.signature(harness.prepare).parameters:
+                hold = {"before_first_call": self._hold}
+            else:  # a base tree before it: built alone
+                self._hold()
+        self.prepared = harness.prepare(case, **hold)
         runner = self.prepared.runner
         self.call = runner.generate
         if req.get("slowdown"):  # --perf-inject-slowdown, sent to head workers only (the head tree has slowed())
@@ -157,8 +178,8 @@ def main() -> int:
         malloc.configure(os.environ.get("DIFFPERF_AB_MALLOC", "steady"))
     except (ImportError, AttributeError, ValueError):
         pass
-    worker = Worker()
-    for line in sys.stdin:
+    worker = Worker(proto)
+    for line in iter(sys.stdin.readline, ""):
         if not line.strip():
             continue
         req = json.loads(line)

@@ -120,11 +120,14 @@ def import_stack(case: Case) -> None:
     memory.preload_stack(getattr(importlib.import_module(framework_spec(case.framework).module), "PRELOAD", ()))
 
 
-def prepare(case: Case, after_imports: Callable[[], Any] | None = None) -> Prepared:
+def prepare(case: Case, after_imports: Callable[[], Any] | None = None,
+            before_first_call: Callable[[], Any] | None = None) -> Prepared:
     """Build ``case`` and time its first call (cold start) apart from everything else.
 
     ``after_imports`` is called once the case's stack is imported, before anything is built or timed (the A/B
-    run waits there for the base worker's imports of the same stack, which ran alongside this process's).
+    run waits there for the base worker's imports of the same stack, which ran alongside this process's);
+    ``before_first_call`` once the pipeline is built, before its first call (the two workers of a further A/B
+    process pair build at once there, then make their first calls one at a time).
     """
     first_in_process = case.framework not in _BUILT_FRAMEWORKS
     release_shared(keep=case.framework)
@@ -141,6 +144,8 @@ def prepare(case: Case, after_imports: Callable[[], Any] | None = None) -> Prepa
     finally:
         memory.clear_case_start()  # the runner's probe has read it; a stale mark must not reach later probes
     try:
+        if before_first_call is not None:
+            before_first_call()
         runner.memory.reset()
         with progress.step(f"{case.framework} {case.id}: first call (compile, autotune, cache fill)"):
             cold = timed_call(runner.generate, runner.synchronize)

@@ -58,6 +58,12 @@ def _ab_generate(self):
     first, self._called = not getattr(self, "_called", False), True
     compile_s = float(os.environ.get("FAKE_COMPILE_S", "0")) * COMPILE_FACTOR * _COMPILE_OFFSET if first else 0.0
     self.duration = float(os.environ.get("FAKE_DURATION", "0.02")) * SCALE * _OFFSET + compile_s
+    log = os.environ.get("FAKE_AB_BUILD_LOG")
+    if first and log:  # a first call that works on the host (tracing, a compile), logged like a build
+        start = time.time()
+        time.sleep(0.3)
+        with open(log, "a") as fh:
+            fh.write(f"first {{os.getpid()}} {{start}} {{time.time()}}\n")
     return _generate(self)
 
 
@@ -71,11 +77,11 @@ def build(case):
     log = os.environ.get("FAKE_AB_BUILD_LOG")
     start = time.time()
     if log:
-        time.sleep(0.3)
+        time.sleep(1.0)
     runner = _build(case)
     if log:
         with open(log, "a") as fh:
-            fh.write(f"{{os.getpid()}} {{start}} {{time.time()}}\n")
+            fh.write(f"build {{os.getpid()}} {{start}} {{time.time()}}\n")
     return runner
 '''
 
@@ -454,19 +460,33 @@ def test_ab_run_uses_the_base_tree_and_records_both_sides(ab_repo):
     assert "### diffperf A/B" in md and ":green_circle: improved" in md
 
 
-def test_the_two_workers_of_a_further_process_pair_never_build_at_once(ab_repo, monkeypatch):
-    # Measured on the 2-core VM: two workers building tiny fp32 classic at once took 30.8 s, each first call
-    # 12.0 s against 0.17 s alone; the pair's compile figures then measure the contention.
+def _spans(log: Path) -> list[tuple[str, int, float, float]]:
+    return [(kind, int(pid), float(a), float(b)) for kind, pid, a, b in (ln.split() for ln in log.read_text().splitlines())]
+
+
+def test_a_further_process_pairs_two_workers_build_at_once_and_make_their_first_calls_one_at_a_time(ab_repo,
+                                                                                                  monkeypatch):
+    # Measured on the 2-core VM: two workers building tiny fp32 classic and making its first call at once took
+    # 30.8 s, each first call 12.0 s against 0.17 s alone: the pair's compile figures then measure the contention.
+    # A build is mostly one thread (TF tiny: Keras traces its models in Python for 7.5-9 s), so the two builds
+    # overlap, and each first call runs while the other worker waits.
     log = ab_repo.path / "builds.log"
     monkeypatch.setenv("FAKE_AB_BUILD_LOG", str(log))
     monkeypatch.setenv("FAKE_AB_TEST_PROCESS_OFFSET", "1.05")  # the first pair does not settle alone
     result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-python", sys.executable, "--benchmark-json", "out.json",
                                           "--perf-ab-processes", "3")
     assert result.ret == 0, result.stdout.str()
-    assert _bench(ab_repo)["extra_info"]["ab"]["processes"] >= 2
-    builds = sorted((float(a), float(b), int(pid)) for pid, a, b in (line.split() for line in log.read_text().splitlines()))
-    assert len({pid for _, _, pid in builds}) >= 4  # the test process, the base worker, a further pair's two
-    assert all(prev[1] <= nxt[0] for prev, nxt in zip(builds, builds[1:])), builds
+    a = _bench(ab_repo)["extra_info"]["ab"]
+    assert a["processes"] >= 2
+    spans = _spans(log)
+    assert len({pid for _, pid, _, _ in spans}) >= 4  # the test process, the base worker, a further pair's two
+    for kind, pid, start, end in spans:
+        if kind == "first":  # nothing else runs while a first call is timed
+            assert all(e <= start or s >= end for _, p, s, e in spans if p != pid), (pid, spans)
+    for block in a["blocks"][1:]:  # a further pair's two builds overlap
+        (h,), (b,) = ([(s, e) for k, p, s, e in spans if k == "build" and p == block[side]]
+                      for side in ("head_pid", "base_pid"))
+        assert max(h[0], b[0]) < min(h[1], b[1]), (h, b)
 
 
 FAKE_STACK = """
@@ -501,8 +521,64 @@ def test_the_base_worker_imports_the_cases_stack_while_the_test_process_imports_
     assert sorted(side for side, *_ in rows) == ["test", "worker"]  # each process imported its stack once
     head, base = ((float(a), float(b)) for _, a, b in sorted(rows))
     assert max(head[0], base[0]) < min(head[1], base[1]), (head, base)  # at the same time
-    first_build = min(float(line.split()[1]) for line in builds.read_text().splitlines())
+    first_build = min(start for _, _, start, _ in _spans(builds))
     assert first_build >= max(head[1], base[1]), (first_build, head, base)  # no build before both are done
+
+
+def _held_build(monkeypatch, prepare, reply: str, can_hold: bool = True):
+    """``Worker.build`` with ``hold``, the harness's ``prepare`` replaced (``can_hold``: it takes
+    ``before_first_call``, else it is an older tree's); returns the worker's protocol lines."""
+    import io
+
+    from diffperf import ab_worker, harness
+    from diffperf.cases import Case
+    from pipelines.torch_recipes import TorchRecipe
+
+    runner = types.SimpleNamespace(generate=lambda: None, synchronize=lambda: None,
+                                   memory=types.SimpleNamespace(kind="fake"))
+    done = types.SimpleNamespace(runner=runner, build_s=0.1, cold_start_s=0.2, cold_peak_bytes=1,
+                                 first_in_process=True, close=lambda: None)
+
+    def held(case, after_imports=None, before_first_call=None):
+        return prepare({"before_first_call": before_first_call}) or done
+
+    monkeypatch.setattr(harness, "prepare", held if can_hold else (lambda case: prepare({}) or done))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(reply))
+    proto = io.StringIO()
+    worker = ab_worker.Worker(proto)
+    case = Case("torch", TorchRecipe.from_tag("fp32-sdpa"), "tiny", steps=2)
+    try:
+        answer = worker.build({"case": case.as_dict(), "hold": True})
+        proto.write(json.dumps(answer) + "\n")
+    except SystemExit as exc:
+        proto.write(f"exit {exc.code}\n")
+    return proto.getvalue().splitlines()
+
+
+def test_a_held_build_answers_built_and_makes_its_first_call_only_on_go(monkeypatch):
+    seen = []
+
+    def prepare(kw):  # the pipeline is built, then the hold, then the first call
+        seen.append("built")
+        kw["before_first_call"]()
+        seen.append("first call")
+
+    lines = _held_build(monkeypatch, prepare, '{"cmd": "go"}\n')
+    assert json.loads(lines[0]) == {"ok": True, "stage": "built"} and seen == ["built", "first call"]
+    assert json.loads(lines[1])["cold_start_s"] == 0.2
+
+    seen.clear()
+    lines = _held_build(monkeypatch, prepare, '{"cmd": "close"}\n')  # the pair closed it: no first call
+    assert [json.loads(lines[0]), json.loads(lines[1]), lines[2]] == [{"ok": True, "stage": "built"}, {"ok": True},
+                                                                      "exit 0"]
+    assert seen == ["built"]
+
+
+def test_a_held_build_in_a_base_tree_that_cannot_stop_before_the_first_call_builds_only_on_go(monkeypatch):
+    seen = []
+    lines = _held_build(monkeypatch, lambda kw: seen.append(sys.stdin.read()), '{"cmd": "go"}\n', can_hold=False)
+    assert json.loads(lines[0]) == {"ok": True, "stage": "built"}  # said before it builds: it builds alone, on go
+    assert seen == [""] and json.loads(lines[1])["cold_start_s"] == 0.2  # "go" was read before prepare ran
 
 
 class _RecordingAb:
