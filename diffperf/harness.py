@@ -145,6 +145,7 @@ def prepare(case: Case, after_imports: Callable[[], Any] | None = None,
         memory.clear_case_start()  # the runner's probe has read it; a stale mark must not reach later probes
     try:
         if before_first_call is not None:
+            runner.synchronize()  # the build's queued device work (a GPU's weight init) is done before it says so
             before_first_call()
         runner.memory.reset()
         with progress.step(f"{case.framework} {case.id}: first call (compile, autotune, cache fill)"):

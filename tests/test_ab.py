@@ -574,6 +574,25 @@ def test_a_held_build_answers_built_and_makes_its_first_call_only_on_go(monkeypa
     assert seen == ["built"]
 
 
+def test_a_held_build_waits_for_its_queued_device_work_before_it_says_built(monkeypatch):
+    # On a GPU a build leaves its weight init queued on the device: "built" said before it is done would let the
+    # other worker's timed first call share the device with it.
+    from diffperf import harness
+    from diffperf.cases import Case
+    from pipelines.torch_recipes import TorchRecipe
+
+    events = []
+    memory = types.SimpleNamespace(reset=lambda: None, peak_bytes=lambda: 1, kind="fake")
+    runner = types.SimpleNamespace(memory=memory, synchronize=lambda: events.append("sync"),
+                                   generate=lambda: events.append("first call"),
+                                   generate_instrumented=lambda: (None, None), close=lambda: None)
+    monkeypatch.setattr(harness, "import_stack", lambda case: None)
+    monkeypatch.setattr(harness, "build", lambda case: events.append("build (queued)") or runner)
+    harness.prepare(Case("torch", TorchRecipe.from_tag("fp32-sdpa"), "tiny", steps=2),
+                    before_first_call=lambda: events.append("built"))
+    assert events[:4] == ["build (queued)", "sync", "built", "sync"], events
+
+
 def test_a_held_build_in_a_base_tree_that_cannot_stop_before_the_first_call_builds_only_on_go(monkeypatch):
     seen = []
     lines = _held_build(monkeypatch, lambda kw: seen.append(sys.stdin.read()), '{"cmd": "go"}\n', can_hold=False)
