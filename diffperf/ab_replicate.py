@@ -43,7 +43,10 @@ SETTLE_OFFSET_FACTOR = 3.0
 # on the 2-core VM: two workers building tiny fp32 classic and making its first call at once took 30.8 s, each
 # first call 12.0 s (against 0.17 s alone: two processes' thread pools on two cores); one alone 6.8 s. So
 # concurrent first calls cost a replicated case 30 s a pair and made the pairs' compile figures measure the
-# contention; a build is mostly one thread (Keras traces its functional models in Python: TF tiny 7.5-9 s).
+# contention. A build is mostly one thread (Keras traces its functional models in Python: TF tiny 7.3-8.3 s at once
+# or alone), so two at once cost little more than one: measured, two workers of one tree building TF tiny graph
+# (imports included), 27.4-27.7 s one at a time, 18.6-20.6 s at once; their first calls alike either way (TF graph
+# 2.4-2.9 s; XLA, built next, 7.1-7.9 s; torch classic 0.14-0.24 s).
 # Process pairs 2 .. 1 + POOL_PAIRS are kept for the next case (their pipelines released), so a run pays each
 # worker's start and imports once; further pairs are started for one case and closed. Measured on the 2-core
 # VM: a further pair's start, imports and build took 8-24 s a case, the build alone 0.2-9 s.

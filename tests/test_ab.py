@@ -502,8 +502,8 @@ if _log:
 
 def test_the_base_worker_imports_the_cases_stack_while_the_test_process_imports_it_then_both_build(ab_repo,
                                                                                                   monkeypatch):
-    # Measured on the 2-core VM: the base worker imported TF for about 4 s and JAX for about 3 s after the test
-    # process had imported them, each run. Imports are one thread each: the two overlap, and nothing is built
+    # Measured on the 2-core VM: the base worker imported torch for about 5.5 s and TF for about 2.5 s after the
+    # test process had imported them, each run. Imports are one thread each: the two overlap, and nothing is built
     # (nor timed) on either side until both are done.
     root = ab_repo.path
     (root / "fake_stack.py").write_text(FAKE_STACK)
