@@ -317,7 +317,7 @@ class BaseWorker:
         return self.receive(cmd, timeout_s)
 
     def send(self, cmd: str, **kwargs: Any) -> None:
-        """Send a request without waiting (:meth:`receive` takes its answer): two workers can import at once."""
+        """Send a request without waiting (:meth:`receive` takes its answer): two workers can work at once."""
         if self.proc.poll() is not None:
             raise self._died(cmd)
         self.busy = True  # until the answer comes: a worker interrupted mid-request is killed, not asked
