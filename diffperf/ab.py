@@ -428,6 +428,16 @@ def configure(rootdir: Path, base_rev: str | None, python: str | None, timeout_s
     return s
 
 
+@dataclasses.dataclass
+class _HeldBuild:
+    """A build the worker started beside the head's (:meth:`AbSession.start_build`), answered in two lines."""
+
+    case: Any
+    worker: BaseWorker
+    built: bool = False  # its {"stage": "built"} answer has been read
+    error: AbWorkerError | None = None  # the build failed: :meth:`AbSession.build` reports it
+
+
 class AbSession:
     """The base side of a run: one worktree and one worker, started lazily and closed on every exit path."""
 
@@ -443,6 +453,7 @@ class AbSession:
         self.replicas: list = []  # workers of the further process pairs now running (closed on every exit path)
         self.pool: dict = {}  # process pair index -> (head worker, base worker) kept for the next case
         self._preloading: BaseWorker | None = None  # the worker whose "preload" answer is still to be read
+        self._held: _HeldBuild | None = None  # a case the worker builds beside the head's, held before its first call
         self._closed = False
         self._old_sigterm = None
         self.head_commit = head_commit(settings.rootdir)
@@ -597,8 +608,69 @@ class AbSession:
             if worker.proc.poll() is not None or worker.busy:
                 self.discard_worker()
 
+    def start_build(self, case) -> None:
+        """Start building ``case`` in the worker, held before its first call, and return at once (the head builds
+        its own meanwhile); :meth:`await_built` waits for the build, :meth:`build` lets the worker make its first
+        call. A side that cannot start is left for :meth:`build` to report, with the case named.
+
+        Note: a build is mostly one thread (Keras traces TF's models in Python; Flax initializes its parameters
+        op by op), so on two cores the head's and the base's builds overlap instead of following one another, as
+        a further process pair's two workers do (:mod:`diffperf.ab_replicate`). The first calls (cold start,
+        compile) stay one at a time: the head's while the base worker holds its built pipeline, the base's when
+        the latency test pairs them. Only the two build figures (``build_s``, not gated) carry the contention.
+        """
+        self.await_preload()
+        self.cancel_build()
+        try:
+            worker = self.start()
+            worker.send("build", case=case.as_dict(), hold=True)
+        except AbError:
+            return
+        self._held = _HeldBuild(case, worker)
+
+    def await_built(self) -> None:
+        """Wait until the build :meth:`start_build` started is built (a failure is kept for :meth:`build`)."""
+        held = self._held
+        if held is None or held.built or held.error is not None:
+            return
+        with _progress(f"A/B base {held.case.id}: build in the base worker (beside the head's)"):
+            try:
+                held.worker.receive("build", max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S))  # {"stage": "built"}
+                held.built = True
+            except AbWorkerError as exc:
+                held.error = exc
+
+    def cancel_build(self, case=None) -> None:
+        """End a held build (of ``case`` only, when given) that no latency test will take: its head failed, or its
+        test did not run. A held worker takes no other request, so it exits and the next case starts a fresh one."""
+        held = self._held
+        if held is None or (case is not None and held.case != case):
+            return
+        self._held = None
+        if held.worker is self.worker:
+            self.discard_worker()
+        else:
+            held.worker.close()
+
     def build(self, case) -> dict:
-        """Build ``case`` in the worker; a device-memory failure becomes :class:`AbDoesNotFit`."""
+        """Build ``case`` in the worker (or let the build :meth:`start_build` started make its first call); a
+        device-memory failure becomes :class:`AbDoesNotFit`."""
+        held = self._held
+        if held is not None and held.case == case and held.worker is self.worker and held.worker.proc.poll() is None:
+            self._held = None
+            timeout = max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S)
+            try:
+                if held.error is not None:
+                    raise held.error
+                if not held.built:
+                    held.worker.receive("build", timeout)  # {"stage": "built"}
+                with _progress(f"A/B base {case.id}: first call in the base worker"):
+                    held.worker.send("go")
+                    return dict(held.worker.receive("build", timeout), built_beside_head=True)
+            except AbWorkerError as exc:
+                raise build_error(exc, case, "base", self.hello.get("python") if self.hello else "?",
+                                  "next to the head's pipeline") from None
+        self.cancel_build()
         self.await_preload()
         worker = self.start()
         try:
@@ -988,6 +1060,8 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
                  "warmup_s": got.base_warm,
                  "cuda_visible_devices": hello.get("cuda_visible_devices"), "device_env": hello.get("device_env"),
                  "diffperf_file": hello.get("diffperf_file"), "builder_file": base_built.get("builder_file")}
+    if base_built.get("built_beside_head"):  # the two builds ran at once: their build_s carry the contention
+        head_side["built_beside_other_side"] = base_side["built_beside_other_side"] = True
     cmp = got.comparison
     memory_pairs = [b.memory for b in got.blocks[1:] if b.memory]
     compile_pairs = [b.compile for b in got.blocks[1:] if b.compile]

@@ -486,13 +486,18 @@ def perf_case(request: pytest.FixtureRequest, perf_session: PerfSession):
     case: Case = request.param
     if not case.is_reference:
         perf_session.build_reference(case)  # before the case: never both on the device at once
-    prepared = prepare(case, after_imports=perf_session.ab_imports(case, request.session))
+    try:
+        prepared = prepare(case, **perf_session.ab_hooks(case, request.session))
+    except BaseException:
+        perf_session.ab_cancel(case)
+        raise
     if case.is_reference:
         perf_session.references.setdefault(case, prepared.generation)
     try:
         yield prepared
     finally:
         prepared.close()
+        perf_session.ab_cancel(case)  # a base build held for this case's latency test, which did not run
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import pytest
@@ -132,14 +134,27 @@ class PerfSession:
             processes=opt("perf_ab_processes"), memory_tolerance=opt("perf_memory_tolerance"),
             compile_tolerance=opt("perf_compile_tolerance"))
 
-    def ab_imports(self, case: Case, session: pytest.Session):
-        """When this run measures ``case`` as A/B (``--perf-ab-base``/``--perf-ab-python`` and its latency test
-        selected), start the base worker's imports of its stack now and return what waits for them
-        (``harness.prepare``'s ``after_imports``: the test process imports its own meanwhile); else ``None``."""
+    def ab_hooks(self, case: Case, session: pytest.Session) -> dict:
+        """``harness.prepare``'s hooks when this run measures ``case`` as A/B (``--perf-ab-base``/``--perf-ab-python``
+        and its latency test selected); else none.
+
+        ``after_imports`` waits for the base worker's imports of the case's stack, started now (the test process
+        imports its own meanwhile). On the CPU it then starts the base worker's build, and ``before_first_call``
+        waits for it: the two builds run at once, the head's first call alone (:meth:`AbSession.start_build`).
+        On a GPU the base builds after the head's first call, once the head's peak says whether both fit.
+        """
         if self.ab is None or case not in _ab_cases(session.items):
-            return None
-        self.ab.preload(case)
-        return self.ab.await_preload
+            return {}
+        ab = self.ab
+        ab.preload(case)
+        if case.device != "cpu":
+            return {"after_imports": ab.await_preload}
+        return {"after_imports": functools.partial(ab.start_build, case), "before_first_call": ab.await_built}
+
+    def ab_cancel(self, case: Case) -> None:
+        """End the base worker's held build of ``case`` when its latency test did not take it."""
+        if self.ab is not None:
+            self.ab.cancel_build(case)
 
     def start_ab(self, items) -> None:
         """Before the first test: start the base worker and import the first A/B case's stack in it and in this

@@ -489,6 +489,59 @@ def test_a_further_process_pairs_two_workers_build_at_once_and_make_their_first_
         assert max(h[0], b[0]) < min(h[1], b[1]), (h, b)
 
 
+
+def test_the_base_worker_builds_beside_the_test_process_and_makes_its_first_call_alone(ab_repo, monkeypatch):
+    # Measured on the 2-core VM: the base worker's "build and first call" ran after the head's, nothing beside it
+    # (TF graph tiny 9.4-10.4 s a run, of which Keras' tracing in Python about 7 s). The two builds overlap; each
+    # first call (cold start, compile) runs while the other side waits.
+    log = ab_repo.path / "builds.log"
+    monkeypatch.setenv("FAKE_AB_BUILD_LOG", str(log))
+    result = ab_repo.runpytest_subprocess(*RUN, "--perf-ab-base", "HEAD", "--perf-ab-processes", "1",
+                                          "--benchmark-json", "out.json")
+    assert result.ret == 0, result.stdout.str()
+    a = _bench(ab_repo)["extra_info"]["ab"]
+    assert a["head"]["built_beside_other_side"] and a["base"]["built_beside_other_side"]
+    spans = _spans(log)
+    builds = [(pid, start, end) for kind, pid, start, end in spans if kind == "build"]
+    assert sorted(kind for kind, *_ in spans) == ["build", "build", "first", "first"], spans
+    (_, h0, h1), (_, b0, b1) = builds
+    assert max(h0, b0) < min(h1, b1), builds  # the two builds at once
+    for kind, pid, start, end in spans:
+        if kind == "first":  # nothing else runs while a first call is timed
+            assert all(e <= start or s >= end for _, p, s, e in spans if p != pid), (pid, spans)
+    result.stdout.fnmatch_lines(["*A/B base *: build in the base worker (beside the head's)*",
+                                 "*A/B base *: first call in the base worker: done*"])
+
+
+def test_a_held_base_build_whose_latency_test_does_not_run_ends_its_worker(ab_repo, monkeypatch):
+    # The head's first call of one case fails after both sides built it: the base worker, held before its first
+    # call, is not left waiting; the next case starts a fresh worker and is measured as A/B.
+    root = ab_repo.path
+    builder = root / "pipelines" / "torch_diffusers.py"
+    builder.write_text(builder.read_text() + """
+_held_generate = FakeRunner.generate
+
+
+def _fails_in_the_test_process(self):
+    if "diffperf_ab_worker" not in _sys.argv[0] and self.case.recipe.attention == "classic":
+        raise RuntimeError("head first call failed")
+    return _held_generate(self)
+
+
+FakeRunner.generate = _fails_in_the_test_process
+""")
+    run = [arg if arg != "torch:fp32-sdpa" else "torch:fp32-classic,torch:fp32-sdpa" for arg in RUN]
+    result = ab_repo.runpytest_subprocess(*run, "--perf-ab-base", "HEAD~1", "--perf-ab-processes", "1",
+                                          "--benchmark-json", "out.json")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*RuntimeError: head first call failed*", "*1 passed*1 error*"])
+    (bench,) = json.loads((root / "out.json").read_text())["benchmarks"]
+    assert "fp32-sdpa" in bench["name"] and bench["extra_info"]["ab"]["verdict"] == "improved"
+    assert bench["extra_info"]["ab"]["base"]["built_beside_other_side"]
+    assert _worktrees(root) == [f"worktree {root}"]
+    out = subprocess.run(["pgrep", "-f", "diffperf_ab_worker"], capture_output=True, text=True)
+    assert str(root) not in out.stdout
+
 FAKE_STACK = """
 import os, sys, time
 _log = os.environ.get("FAKE_AB_IMPORT_LOG")
@@ -610,6 +663,12 @@ class _RecordingAb:
     def await_preload(self):
         self.calls.append(("wait", None))
 
+    def start_build(self, case):
+        self.calls.append(("base builds", case))
+
+    def await_built(self):
+        self.calls.append(("wait for the base build", None))
+
 
 def _item(name: str, case, skipped: bool = False):
     mark = pytest.mark.skip(reason="no CUDA").mark if skipped else None
@@ -617,16 +676,19 @@ def _item(name: str, case, skipped: bool = False):
                                  get_closest_marker=lambda n: mark if n == "skip" else None)
 
 
-def test_the_base_worker_imports_a_stack_only_for_a_case_whose_latency_test_runs(monkeypatch):
+def test_the_base_worker_imports_and_builds_only_a_case_whose_latency_test_runs(monkeypatch):
+    import dataclasses
+
     from diffperf import harness
     from diffperf.cases import Case
     from pipelines.torch_recipes import TorchRecipe
     from diffperf.session import PerfSession
 
-    cuda, fidelity_only, cpu = (Case("torch", TorchRecipe.from_tag(tag), "tiny", steps=2)
-                                for tag in ("fp32-classic", "fp32-sdpa", "bf16-sdpa"))
-    items = [_item("test_latency", cuda, skipped=True), _item("test_fidelity", fidelity_only),
-             _item("test_latency", cpu), _item("test_fidelity", cpu)]
+    skipped, fidelity_only, cpu = (Case("torch", TorchRecipe.from_tag(tag), "tiny", steps=2)
+                                   for tag in ("fp32-classic", "fp32-sdpa", "bf16-sdpa"))
+    gpu = dataclasses.replace(cpu, device="cuda")
+    items = [_item("test_latency", skipped, skipped=True), _item("test_fidelity", fidelity_only),
+             _item("test_latency", cpu), _item("test_fidelity", cpu), _item("test_latency", gpu)]
     perf = PerfSession.__new__(PerfSession)
     perf.ab = _RecordingAb()
     monkeypatch.setattr(harness, "import_stack", lambda case: perf.ab.calls.append(("test process imports", case)))
@@ -634,12 +696,19 @@ def test_the_base_worker_imports_a_stack_only_for_a_case_whose_latency_test_runs
     assert perf.ab.calls == [("base imports", cpu), ("test process imports", cpu), ("wait", None)]
     perf.ab.calls.clear()
     session = types.SimpleNamespace(items=items)
-    assert perf.ab_imports(cuda, session) is None and perf.ab_imports(fidelity_only, session) is None
+    assert perf.ab_hooks(skipped, session) == {} and perf.ab_hooks(fidelity_only, session) == {}
     assert perf.ab.calls == []
-    assert perf.ab_imports(cpu, session) == perf.ab.await_preload  # prepare() waits there, after its own imports
+    hooks = perf.ab_hooks(cpu, session)
     assert perf.ab.calls == [("base imports", cpu)]
+    # prepare() calls them after its own imports, then between its build and its first call.
+    hooks["after_imports"]()
+    hooks["before_first_call"]()
+    assert perf.ab.calls[1:] == [("base builds", cpu), ("wait for the base build", None)]
+    perf.ab.calls.clear()
+    # On a GPU the base builds after the head's first call (its peak says whether both fit): imports only.
+    assert perf.ab_hooks(gpu, session) == {"after_imports": perf.ab.await_preload}
     perf.ab = None
-    assert perf.ab_imports(cpu, session) is None
+    assert perf.ab_hooks(cpu, session) == {}
     perf.start_ab(items)  # no A/B: nothing to start
 
 
