@@ -542,6 +542,18 @@ FakeRunner.generate = _fails_in_the_test_process
     out = subprocess.run(["pgrep", "-f", "diffperf_ab_worker"], capture_output=True, text=True)
     assert str(root) not in out.stdout
 
+
+def test_a_held_build_is_ended_before_the_worker_is_asked_anything_else():
+    # A worker held before its first call reads any line but "go" as "exit": the next case's imports end the
+    # held build (its latency test did not take it) instead of being read as that line.
+    session = ab.AbSession.__new__(ab.AbSession)
+    closed = []
+    worker = types.SimpleNamespace(close=lambda: closed.append("closed"), proc=types.SimpleNamespace(poll=lambda: None))
+    session.worker, session._preloading, session.fatal = worker, None, "the next start fails here"
+    session._held = ab._HeldBuild("case A", worker)
+    session.preload("case B")
+    assert closed == ["closed"] and session._held is None and session.worker is None
+
 FAKE_STACK = """
 import os, sys, time
 _log = os.environ.get("FAKE_AB_IMPORT_LOG")
