@@ -43,6 +43,7 @@ BUILD_TIMEOUT_FLOOR_S = 1800.0  # a build (download, compile, autotune) may take
 # Between-process offset (log sd) of two separately built sides of one tree: 0.9 % over 12 A/A runs of the
 # two eager torch tiny cases on the 2-core CI VM (benchmarks/ab_calibration.py), rounded up.
 PROCESS_CV = 0.01
+SIDES = ("base", "head")  # how a single-value line names its two figures (the gate's: "baseline", "measured")
 
 
 class AbError(Exception):
@@ -820,7 +821,7 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
                                              memory_tolerance)
     else:
         mem_v, mem_line = _single_value("peak memory (head vs base)", head_mem, base_mem, memory_tolerance,
-                                        stats.fmt_bytes)
+                                        stats.fmt_bytes, SIDES)
     if head.get("memory_kind") != base.get("memory_kind"):
         mem_v, mem_line = "not compared", (f"peak memory: head measured as {head.get('memory_kind')}, base as "
                                            f"{base.get('memory_kind')}; not compared")
@@ -830,7 +831,7 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     if memory_pairs:
         mem_v, mem_line = _across_pairs("peak memory", memory_pairs, memory_tolerance, stats.fmt_bytes)
     comp_v, comp_line = _single_value("compile time (head vs base)", head.get("compile_s"), base.get("compile_s"),
-                                      compile_tolerance, stats.fmt_seconds)
+                                      compile_tolerance, stats.fmt_seconds, SIDES)
     if comp_line and head.get("compile_kind") != base.get("compile_kind"):
         comp_v, comp_line = "not compared", (f"compile time: head measured as {head.get('compile_kind')}, base as "
                                              f"{base.get('compile_kind')}; not compared")
@@ -857,7 +858,7 @@ def _first_pair_memory(head: float | None, base: float | None, aa: tuple[float, 
     from diffperf.gate import _single_value
 
     if head is None or base is None or base <= 0:
-        return _single_value("peak memory (head vs base)", head, base, tolerance, stats.fmt_bytes)
+        return _single_value("peak memory (head vs base)", head, base, tolerance, stats.fmt_bytes, SIDES)
     lo, hi = aa
     ratio = head / base
     if ratio / hi > 1 + tolerance:

@@ -57,12 +57,13 @@ class GateOutcome:
     verdict: str = "not compared"  # latency verdict: regressed / improved / unchanged / inconclusive / not compared
 
 
-def _single_value(kind: str, measured: float | None, base: float | None, tol: float, fmt) -> tuple[str, str | None]:
-    """(verdict, message line) for a one-number metric."""
+def _single_value(kind: str, measured: float | None, base: float | None, tol: float, fmt,
+                  names: tuple[str, str] = ("baseline", "measured")) -> tuple[str, str | None]:
+    """(verdict, message line) for a one-number metric; ``names`` call the two figures (an A/B: base, head)."""
     if measured is None or base is None:
         return "not compared", None
     if base <= 0:
-        return "not compared", f"{kind}: baseline is {fmt(base)}; not compared"
+        return "not compared", f"{kind}: {names[0]} is {fmt(base)}; not compared"
     ratio = measured / base
     if ratio > 1 + tol:
         verdict = "regressed"
@@ -70,7 +71,7 @@ def _single_value(kind: str, measured: float | None, base: float | None, tol: fl
         verdict = "improved"
     else:
         verdict = "unchanged"
-    return verdict, (f"{kind} {verdict}: baseline {fmt(base)}, measured {fmt(measured)}, ratio {ratio:.3f} "
+    return verdict, (f"{kind} {verdict}: {names[0]} {fmt(base)}, {names[1]} {fmt(measured)}, ratio {ratio:.3f} "
                      f"(tolerance {tol:.0%}, single value: no statistical test)")
 
 

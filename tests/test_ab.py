@@ -1185,9 +1185,12 @@ def test_judge_compares_memory_and_compile_as_single_values_of_the_same_kind():
     out = ab.judge("t", side | {"compile_s": 14.0}, side, cmp, memory_tolerance=0.1, compile_tolerance=0.25)
     assert out.failed and out.info == {"memory_verdict": "unchanged", "compile_verdict": "regressed"}
     assert "t: A/B compile time regressed" in out.message
+    # The two figures are named by their side (there is no baseline in an A/B).
+    assert "compile time (head vs base) regressed: base 10 s, head 14 s, ratio 1.400" in out.message
     out = ab.judge("t", side | {"peak_memory_bytes": {"steady": 120 << 20}, "compile_kind": "ahead-of-time"}, side,
                    cmp, memory_tolerance=0.1, compile_tolerance=0.25)
     assert out.failed and out.info == {"memory_verdict": "regressed", "compile_verdict": "not compared"}
+    assert "peak memory (head vs base) regressed: base 100.0 MiB, head 120.0 MiB" in out.message
     out = ab.judge("t", side | {"memory_kind": "cuda_allocator"}, side, cmp, memory_tolerance=0.1,
                    compile_tolerance=0.25)
     assert not out.failed and out.info["memory_verdict"] == "not compared" and "A/B unchanged" in out.message
