@@ -460,6 +460,11 @@ class AbSession:
         self.head_commit = head_commit(settings.rootdir)
 
     @property
+    def build_timeout_s(self) -> float:
+        """How long an import or a build may take in a worker (``--perf-ab-timeout``, at least the build floor)."""
+        return max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S)
+
+    @property
     def base_commit(self) -> dict:
         s = self.settings
         if s.base_sha:
@@ -605,7 +610,7 @@ class AbSession:
         if worker is None or worker is not self.worker:
             return
         try:
-            worker.receive("preload", max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S))
+            worker.receive("preload", self.build_timeout_s)
         except AbWorkerError:
             if worker.proc.poll() is not None or worker.busy:
                 self.discard_worker()
@@ -637,7 +642,7 @@ class AbSession:
             return
         with _progress(f"A/B base {held.case.id}: build in the base worker (beside the head's)"):
             try:
-                held.worker.receive("build", max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S))  # {"stage": "built"}
+                held.worker.receive("build", self.build_timeout_s)  # {"stage": "built"}
                 held.built = True
             except AbWorkerError as exc:
                 held.error = exc
@@ -659,16 +664,14 @@ class AbSession:
         device-memory failure becomes :class:`AbDoesNotFit`."""
         held = self._held
         if held is not None and held.case == case and held.worker is self.worker and held.worker.proc.poll() is None:
+            self.await_built()
             self._held = None
-            timeout = max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S)
             try:
                 if held.error is not None:
                     raise held.error
-                if not held.built:
-                    held.worker.receive("build", timeout)  # {"stage": "built"}
                 with _progress(f"A/B base {case.id}: first call in the base worker"):
                     held.worker.send("go")
-                    return dict(held.worker.receive("build", timeout), built_beside_head=True)
+                    return dict(held.worker.receive("build", self.build_timeout_s), built_beside_head=True)
             except AbWorkerError as exc:
                 raise build_error(exc, case, "base", self.hello.get("python") if self.hello else "?",
                                   "next to the head's pipeline") from None
@@ -677,7 +680,7 @@ class AbSession:
         worker = self.start()
         try:
             with _progress(f"A/B base {case.id}: build and first call in the base worker"):
-                return worker.request("build", timeout_s=max(self.settings.timeout_s, BUILD_TIMEOUT_FLOOR_S),
+                return worker.request("build", timeout_s=self.build_timeout_s,
                                       case=case.as_dict())
         except AbWorkerError as exc:
             raise build_error(exc, case, "base", self.hello.get("python") if self.hello else "?",

@@ -204,7 +204,7 @@ def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, roun
     head, base = _pair(session, index)
     ok = False
     try:
-        timeout = max(session.settings.timeout_s, ab.BUILD_TIMEOUT_FLOOR_S)
+        timeout = session.build_timeout_s
         with ab._progress(f"A/B {case.id}: build in the head and base workers of process pair {index}"):
             for worker in (head, base):  # built at once; first calls one at a time (module note)
                 worker.send("build", case=case.as_dict(), hold=True,
