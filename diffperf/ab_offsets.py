@@ -15,9 +15,15 @@ Note: the spread is the root mean square of the A/A log-ratios about zero, less 
 other cases before) counts as spread, not as a correction. A new first pair's ratio under no change then has
 the variance "offset spread + its own pairs' error", estimated from the stored runs alone, so its quantiles
 are Student's t on as many degrees of freedom as there are stored runs: five runs that happen to agree widen
-the interval more than twenty, and an estimate at the floor is not trusted beyond what its runs showed. The
-offsets describe the processes of the matrix the A/A runs ran (what ran before a case in the test process);
-a run of one case alone starts from another state.
+the interval more than twenty, and an estimate at the floor is not trusted beyond what its runs showed.
+
+The offsets describe the test process as the A/A run left it before the case: what it had built before
+(``ran_before``, the case ids in order, :attr:`diffperf.harness.Prepared.ran_before`). Each observation keeps
+that list, and a run uses only the observations whose list is its own (:func:`prior`): measured, TF XLA's
+first-pair memory ratio was 1.06-1.18 in 5 A/A runs of the default CPU matrix and 1.255-1.579 in 7 of
+``-k "latency and (tf-cpu or jax-cpu)" --perf-ab-processes 1``, called "regressed" in 3 of them against the
+default matrix's range. A selection without its own A/A runs keeps the ``--perf-ab-process-cv`` guess, and
+its first pair's memory and compile figures are not judged alone (:func:`diffperf.ab.judge`).
 
 The same A/A runs hold the first pair's peak-memory ratio (test process / base worker), which is not 1 either:
 measured in 5 A/A runs of the default CPU matrix, TF XLA tiny 1.06-1.18, JAX jit 1.06-1.11 (outside pytest
@@ -88,12 +94,25 @@ def validate(value: Any, where: str) -> None:
             raise OffsetsError(f"{where}: {KEY}[{i}]: 'pairs' must be an integer >= 2")
         if item.get("memory_ratio") is not None and not (_finite(item["memory_ratio"]) and item["memory_ratio"] > 0):
             raise OffsetsError(f"{where}: {KEY}[{i}]: 'memory_ratio' must be a number > 0 when given")
+        ran = item.get("ran_before")
+        if ran is not None and not (isinstance(ran, list) and all(isinstance(c, str) for c in ran)):
+            raise OffsetsError(f"{where}: {KEY}[{i}]: 'ran_before' must be a list of case ids when given")
 
 
-def prior(entry: dict | None, source: str = "baselines") -> OffsetPrior | None:
-    """The offset spread of ``entry``'s stored A/A first pairs, or ``None`` with fewer than
-    :data:`MIN_OBSERVATIONS` (the run then keeps the ``--perf-ab-process-cv`` guess)."""
+def matching(entry: dict | None, ran_before: Sequence[str] | None) -> list[dict]:
+    """``entry``'s stored A/A observations whose test process had built ``ran_before`` before the case (all of
+    them when ``ran_before`` is ``None``; an observation that does not record it matches no list)."""
     obs = list((entry or {}).get(KEY) or [])
+    if ran_before is None:
+        return obs
+    return [o for o in obs if o.get("ran_before") == list(ran_before)]
+
+
+def prior(entry: dict | None, source: str = "baselines", ran_before: Sequence[str] | None = None) -> OffsetPrior | None:
+    """The offset spread of ``entry``'s stored A/A first pairs made after the same builds as this run's
+    (``ran_before``, :func:`matching`), or ``None`` with fewer than :data:`MIN_OBSERVATIONS` of them (the run
+    then keeps the ``--perf-ab-process-cv`` guess)."""
+    obs = matching(entry, ran_before)
     if len(obs) < MIN_OBSERVATIONS:
         return None
     var = sum(o["log_ratio"] ** 2 - o["pairs_se"] ** 2 for o in obs) / len(obs)
@@ -139,16 +158,27 @@ def settle_se(tolerance: float, alpha: float, offset: OffsetPrior, power: float 
     return math.sqrt(room ** 2 - offset.sd ** 2) if room > offset.sd else 0.0
 
 
-def lookup(gate, test_id: str, hardware_id: str) -> OffsetPrior | None:
-    """The offset prior of ``test_id`` in the gate's baseline file for ``hardware_id`` (``None`` without a gate,
-    a file, an entry or enough observations; a file that does not load is the gate's to report)."""
+def lookup(gate, test_id: str, hardware_id: str, ran_before: Sequence[str]) -> tuple[OffsetPrior | None, str | None]:
+    """The offset prior of ``test_id`` in the gate's baseline file for ``hardware_id``, from the A/A runs whose
+    test process had built ``ran_before`` before the case, and a note when the file holds A/A runs of the case
+    but too few of them match (``(None, None)`` without a gate, a file or an entry; a file that does not load
+    is the gate's to report)."""
     if gate is None:
-        return None
+        return None, None
     try:
         store = gate.store(hardware_id)
     except BaselineError:  # the gate names the file in the test's verdict
-        return None
-    return prior(store.get(test_id), f"baselines/{store.path.name}")
+        return None, None
+    entry = store.get(test_id)
+    got = prior(entry, f"baselines/{store.path.name}", ran_before)
+    held = len((entry or {}).get(KEY) or [])
+    if got is not None or not held:
+        return got, None
+    same = len(matching(entry, ran_before))
+    return None, (f"baselines/{store.path.name} holds {held} A/A first pairs of this case, {same} of them after the "
+                  f"builds this run made before it ({len(ran_before)}: {', '.join(ran_before) or 'none'}); "
+                  f"{MIN_OBSERVATIONS} are needed, so fold A/A runs of this selection (python -m diffperf baseline "
+                  "offsets)")
 
 
 # --------------------------------------------------------------------------------- saved A/A runs
@@ -173,6 +203,9 @@ def not_aa(ab: dict) -> str | None:
         return f"its head was slowed on purpose (--perf-inject-slowdown {ab['inject_slowdown']})"
     if first_pair(ab) is None:
         return "it holds no first process pair"
+    if not isinstance((ab.get("head") or {}).get("ran_before"), list):
+        return ("it does not record what the test process built before the case (saved before diffperf recorded "
+                "'ran_before'; run it again)")
     return None
 
 
@@ -234,7 +267,8 @@ def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int =
                                    "baseline fold)")
             obs = first_pair(ab)
             item = {"log_ratio": round_sig(obs["log_ratio"]), "pairs_se": round_sig(obs["pairs_se"]),
-                    "pairs": obs["pairs"], "commit": (ab.get("head_commit") or {}).get("id"),
+                    "pairs": obs["pairs"], "ran_before": list(ab["head"]["ran_before"]),
+                    "commit": (ab.get("head_commit") or {}).get("id"),
                     "recorded_at": str(run.data.get("datetime") or "") or None}
             memory = first_pair_memory(ab)
             if memory is not None:

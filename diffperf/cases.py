@@ -147,6 +147,11 @@ class Case:
         return "-".join(parts)
 
     @property
+    def full_id(self) -> str:
+        """The id with its framework and device, as the test ids show it (``torch-cpu-tiny-fp32-sdpa-bs1-4steps``)."""
+        return f"{self.framework}-{self.device}-{self.id}"
+
+    @property
     def reference(self) -> "Case":
         """The same case with the framework's unoptimized reference recipe for its device (fidelity reference)."""
         return dataclasses.replace(self, recipe=self.recipe.reference_on(self.device))

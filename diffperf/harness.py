@@ -43,6 +43,7 @@ class Prepared:
     cold_memory_kind: str | None = None  # the probe's kind for the cold peak (it may differ from the steady one)
     compile_cache: str | None = None  # "cold" / "warm": whether build + first call wrote persistent cache entries
     first_in_process: bool = False  # the first pipeline of its framework built in this process (memory context)
+    ran_before: tuple[str, ...] = ()  # full ids of the cases this process built before it, in order (its state)
 
     def close(self) -> None:
         runner, self.runner = self.runner, None
@@ -99,10 +100,12 @@ def cache_state(before: set[str] | None, after: set[str] | None) -> str | None:
 
 
 _BUILT_FRAMEWORKS: set[str] = set()  # frameworks that built a pipeline in this process (Prepared.first_in_process)
+_BUILT_CASES: list[str] = []  # full ids of the cases built in this process, in order (Prepared.ran_before)
 
 
 def build(case: Case) -> Any:
-    """Build ``case``'s runner with its framework's builder and note that the framework has built in this process.
+    """Build ``case``'s runner with its framework's builder and note that the framework, and the case, have built
+    in this process.
 
     Every build goes through here (``prepare``, ``api.build_pipeline``), so a case's ``first_in_process`` is
     false after any earlier pipeline of its framework, not only one built by ``prepare``: a run's first
@@ -110,6 +113,7 @@ def build(case: Case) -> Any:
     """
     runner = builder(case.framework)(case)
     _BUILT_FRAMEWORKS.add(case.framework)
+    _BUILT_CASES.append(case.full_id)
     return runner
 
 
@@ -130,6 +134,7 @@ def prepare(case: Case, after_imports: Callable[[], Any] | None = None,
     process pair build at once there, then make their first calls one at a time).
     """
     first_in_process = case.framework not in _BUILT_FRAMEWORKS
+    ran_before = tuple(_BUILT_CASES)
     release_shared(keep=case.framework)
     from diffperf import memory
 
@@ -158,7 +163,7 @@ def prepare(case: Case, after_imports: Callable[[], Any] | None = None,
         runner.close()
         raise
     return Prepared(case, runner, built["seconds"], cold.seconds, cold_peak, generation, breakdown, cold_kind,
-                    compile_cache, first_in_process)
+                    compile_cache, first_in_process, ran_before)
 
 
 def _required_rounds(warm: list[float], tolerance: float, min_rounds: int, budget_s: float) -> int:
@@ -266,6 +271,7 @@ def record(prepared: Prepared, samples: list[float], steady_peak: int | None, br
         "compile_kind": compile_kind,
         "compile_cache": prepared.compile_cache,
         "first_in_process": prepared.first_in_process,
+        "ran_before": list(prepared.ran_before),
         "peak_memory_bytes": {"cold": prepared.cold_peak_bytes, "steady": steady_peak},
         "memory_kind": memory_kind,
         "memory_kinds": {"cold": prepared.cold_memory_kind or memory_kind, "steady": memory_kind},

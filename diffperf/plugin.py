@@ -241,8 +241,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="A/B: standard deviation of the fixed speed offset between two processes of the same tree (no number "
              "of pairs averages it away). Across process pairs it is the prior of their spread, weighed as 4 pairs; "
              "with --perf-ab-processes 1 it is added to the pairs' interval (0 trusts the pairs alone). A case whose "
-             "baseline entry holds 5 or more A/A first pairs (python -m diffperf baseline offsets) judges its first "
-             "pair with their measured spread instead. Measure yours with benchmarks/ab_calibration.py. "
+             "baseline entry holds 5 or more A/A first pairs made after the same builds as this run's (python -m "
+             "diffperf baseline offsets) judges its first pair with their measured spread instead. Measure yours with benchmarks/ab_calibration.py. "
              "Default: 0.01.")
     add("--perf-ab-processes", type=_positive_int("A/B process pairs"), default=AB_PROCESSES, metavar="N",
         help="A/B: the most process pairs a case is measured in. The first is this process and the base worker; "

@@ -69,13 +69,14 @@ class PerfSession:
             from diffperf.hardware import hardware_id
 
             try:
-                offset = ab_offsets.lookup(self.gate, request.node.nodeid, hardware_id(case.device))
+                offset, offset_note = ab_offsets.lookup(self.gate, request.node.nodeid, hardware_id(case.device),
+                                                        prepared.ran_before)
                 rec, ab_outcome = ab.measure(
                     self.ab, prepared, bench, test_id=request.node.nodeid, rounds=opt("perf_rounds"),
                     warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"), tolerance=tolerance,
                     alpha=opt("perf_alpha"), memory_tolerance=opt("perf_memory_tolerance"),
                     compile_tolerance=opt("perf_compile_tolerance"), inject_slowdown=opt("perf_inject_slowdown"),
-                    process_cv=opt("perf_ab_process_cv"), offset=offset)
+                    process_cv=opt("perf_ab_process_cv"), offset=offset, offset_note=offset_note)
             except ab.AbDoesNotFit as exc:
                 pytest.skip(str(exc))
             except ab.AbError as exc:  # the head is still measured and kept; the test fails with the error

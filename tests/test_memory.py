@@ -144,16 +144,22 @@ def test_a_pipeline_built_through_the_api_makes_the_next_case_not_the_first_in_i
 
     monkeypatch.setattr(harness, "builder", lambda framework: lambda case: Runner())
     monkeypatch.setattr(harness, "_BUILT_FRAMEWORKS", set())
+    monkeypatch.setattr(harness, "_BUILT_CASES", [])
     case = Case("torch", TorchRecipe.from_tag("fp32-sdpa"), "tiny", steps=2)
-    firsts = []
+    firsts, befores = [], []
     for _ in range(2):
         prepared = harness.prepare(case)
         firsts.append(prepared.first_in_process)
+        befores.append(prepared.ran_before)
         prepared.close()
     assert firsts == [True, False]
+    assert befores == [(), (case.full_id,)]  # what the process built before: the A/A offsets' key (ab_offsets)
     monkeypatch.setattr(harness, "_BUILT_FRAMEWORKS", set())
-    api.build_pipeline(case).close()
+    other = Case("torch", TorchRecipe.from_tag("fp32-classic"), "tiny", steps=2)
+    api.build_pipeline(other).close()
     prepared = harness.prepare(case)
     prepared.close()
     assert prepared.first_in_process is False
+    assert prepared.ran_before == (case.full_id, case.full_id, other.full_id)  # API builds count too, in order
+    assert harness.record(prepared, [0.1, 0.1], None, [])["ran_before"] == [case.full_id, case.full_id, other.full_id]
     assert harness._BUILT_FRAMEWORKS == {"torch"}  # another framework's first pipeline is still its first
