@@ -412,14 +412,16 @@ class AbSettings:
     suite_dir: str = ""  # the rootdir relative to the git top level
     malloc: str = "steady"  # --perf-malloc, applied in the worker too
     processes: int = 1  # --perf-ab-processes: the most process pairs a case is measured in
+    case_time_s: float = 600.0  # --perf-ab-max-time: the most seconds a case's further process pairs take in all
 
 
 def configure(rootdir: Path, base_rev: str | None, python: str | None, timeout_s: float, seed: int,
-              malloc: str = "steady", processes: int = 1) -> AbSettings | None:
+              malloc: str = "steady", processes: int = 1, case_time_s: float = 600.0) -> AbSettings | None:
     """Validate the A/B options up front (:class:`AbError` naming the bad one); ``None`` without A/B."""
     if base_rev is None and python is None:
         return None
-    s = AbSettings(Path(rootdir).resolve(), base_rev, python, timeout_s, seed, malloc=malloc, processes=processes)
+    s = AbSettings(Path(rootdir).resolve(), base_rev, python, timeout_s, seed, malloc=malloc, processes=processes,
+                   case_time_s=case_time_s)
     if python is not None:
         s.python = check_python(python)
     if base_rev is not None:
@@ -804,7 +806,7 @@ class AbOutcome:
 
 def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_tolerance: float,
           compile_tolerance: float, memory_pairs: Sequence[dict] = (), compile_pairs: Sequence[dict] = (),
-          memory_offset=None, offset_note: str | None = None) -> AbOutcome:
+          memory_offset=None, offset_note: str | None = None, stopped: str | None = None) -> AbOutcome:
     """The A/B verdict of a test: latency from the pairs, peak memory and compile time as single values.
 
     ``memory_pairs`` / ``compile_pairs`` (``{"head", "base", "kind_head", "kind_base"}`` of each further
@@ -813,11 +815,11 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     selection, an :class:`diffperf.ab_offsets.OffsetPrior` with a ``memory_range``) is the first pair's memory
     ratio under no change: see :func:`_first_pair_memory`; without those either, the first pair's memory (but
     a device allocator's reset peak) and compile figures are not judged beyond their tolerance (:func:`_first_pair_alone`; ``offset_note`` says
-    why no stored range applied).
+    why no stored range applied). ``stopped`` (why no further process pair was added) follows the latency line.
     """
     from diffperf.gate import _single_value, _steady_memory, first_pipeline_mismatch
 
-    lines = [cmp.describe()]
+    lines = [cmp.describe(), *([stopped] if stopped else [])]
     failures = ["latency"] if cmp.verdict == "regressed" else []
     head_mem, base_mem = (_steady_memory(side.get("peak_memory_bytes")) for side in (head, base))
     aa = getattr(memory_offset, "memory_range", None)
@@ -1101,7 +1103,7 @@ def measure(ab: AbSession, prepared, benchmark, *, test_id: str, rounds: int, wa
     memory_pairs = [b.memory for b in got.blocks[1:] if b.memory]
     compile_pairs = [b.compile for b in got.blocks[1:] if b.compile]
     outcome = judge(test_id, head_side, base_side, cmp, memory_tolerance, compile_tolerance, memory_pairs,
-                    compile_pairs, memory_offset=offset, offset_note=offset_note)
+                    compile_pairs, memory_offset=offset, offset_note=offset_note, stopped=got.replication_stopped)
     rec["ab"] = {
         "verdict": cmp.verdict, "ratio": cmp.ratio, "ci": [cmp.ci_low, cmp.ci_high], "confidence": cmp.confidence,
         "p": cmp.p_value, "p_slower": cmp.p_slower, "p_faster": cmp.p_faster, "pairs": cmp.pairs,

@@ -49,7 +49,7 @@ SINGLE_VALUE_PAIRS = 2
 def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: str, tolerance: float, alpha: float,
                  rounds: int, warmup_rounds: int, max_time_s: float, inject_slowdown: float, process_cv: float,
                  timeout_s: float, seed: int, malloc: str, processes: int = 1, memory_tolerance: float = 0.10,
-                 compile_tolerance: float = 0.25):
+                 compile_tolerance: float = 0.25, case_time_s: float = 600.0):
     """Re-measure the gate's flags (``outcome``: latency, peak memory, compile time) as A/B against the
     baseline's commit.
 
@@ -83,7 +83,7 @@ def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: s
         try:
             session = sessions.get(commit)
             if session is None:
-                settings = ab.configure(rootdir, commit, None, timeout_s, seed, malloc, processes)
+                settings = ab.configure(rootdir, commit, None, timeout_s, seed, malloc, processes, case_time_s)
                 session = sessions[commit] = ab.AbSession(settings)
             got = ab.pair_up(session, prepared, test_id=test_id, rounds=rounds, warmup_rounds=warmup_rounds,
                              max_time_s=max_time_s, tolerance=tolerance, alpha=alpha,
@@ -105,7 +105,8 @@ def confirm_flag(sessions: dict, prepared, outcome, *, rootdir: Path, test_id: s
     flags: dict[str, str] = {}
     lines: list[str] = []
     if latency_flag:
-        lat_why = why or ("the A/B is inconclusive" if cmp.verdict == "inconclusive" else None)
+        lat_why = why or (f"the A/B is inconclusive{f' ({got.replication_stopped})' if got.replication_stopped else ''}"
+                          if cmp.verdict == "inconclusive" else None)
         if cmp is not None and cmp.verdict == "regressed":
             flags["latency"], line = "confirmed", f"confirmed by interleaved A/B {where}: {cmp.describe()}"
         elif lat_why is None:

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import math
 import subprocess
+import time
 from typing import Sequence
 
 import numpy as np
@@ -55,6 +56,7 @@ POOL_PAIRS = 2
 # "regressed": one pair's figures are one draw each (measured, A/A: JAX jit compile 1.81 vs 1.45 s, JAX AOT
 # peak 164 vs 147 MiB in one pair), so a figure beyond its tolerance in the first fresh pair takes another.
 MIN_FRESH_SINGLE = 2
+_clock = time.monotonic  # the further pairs' time budget (--perf-ab-max-time); tests replace it
 
 
 @dataclasses.dataclass
@@ -346,11 +348,19 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
     are compared on the fresh pairs only).
 
     Returns the blocks, the combined comparison and why replication stopped early (``None`` when it did not):
-    a further pair that does not fit on the device beside the test process' pipeline ends it, and the
-    verdict rests on the pairs that ran (inconclusive when fewer than :data:`MIN_PROCESSES`).
+    a further pair that does not fit on the device beside the test process' pipeline ends it, and so does the
+    case's time budget (``--perf-ab-max-time``: no further pair starts once the further pairs have taken it, and
+    a pair's rounds take at most what is left of it); the verdict rests on the pairs that ran (inconclusive when
+    undecided or fewer than :data:`MIN_PROCESSES`).
+
+    Note: the budget bounds what a noisy or busy machine can cost. Measured on the 2-core VM with another job on
+    its cores: the confirmation of one fp32-classic flag took 8 process pairs whose rounds each ran to
+    ``--perf-max-time`` (111-165 s) plus 24-50 s of builds, and the run was still going after 25 minutes.
     """
     blocks = [first]
     most = session.settings.processes
+    budget = getattr(session.settings, "case_time_s", None)
+    started = _clock()
     least = min(max(MIN_PROCESSES, min_processes), most)
 
     def pending() -> bool:
@@ -362,10 +372,16 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
     cmp = combine([first.pairs.comparison], tolerance=tolerance, alpha=alpha, process_cv=process_cv)
     stopped = None
     while len(blocks) < most and (len(blocks) < least or not cmp.decided or pending()):
+        spent = _clock() - started
+        if budget is not None and spent >= budget:
+            stopped = (f"stopped after {len(blocks)} process pair(s): the further pairs took {spent:.0f} s of "
+                       f"--perf-ab-max-time {budget:g} s")
+            break
+        left = max_time_s if budget is None else min(max_time_s, budget - spent)
         try:
             ab.check_fits(prepared.case, 2 * prepared.cold_peak_bytes if prepared.cold_peak_bytes else None)
             blocks.append(measure_block(session, prepared.case, len(blocks) + 1, test_id=test_id, rounds=rounds,
-                                        warmup_rounds=warmup_rounds, max_time_s=max_time_s, tolerance=tolerance,
+                                        warmup_rounds=warmup_rounds, max_time_s=left, tolerance=tolerance,
                                         alpha=alpha, inject_slowdown=inject_slowdown, process_cv=process_cv))
         except ab.AbDoesNotFit as exc:
             stopped = f"stopped after {len(blocks)} process pair(s): {exc}"

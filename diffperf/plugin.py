@@ -237,6 +237,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "fails the test: 'ab' measures the case again as interleaved A/B against the commit of the baseline's "
              "latest run and fails only when the A/B confirms (diffperf/ab_confirm.py), 'off' fails on the flag. "
              "Default: ab.")
+    add("--perf-ab-max-time", type=parse_seconds, default=600.0, metavar="SECONDS",
+        help="A/B: the most seconds one case's further process pairs (their workers' start, builds and rounds) take in "
+             "all; once spent no further pair starts, a pair's rounds stop at what is left, and the verdict rests on "
+             "the pairs that ran (inconclusive when undecided, named in the message). The first pair's rounds keep "
+             "--perf-max-time. Default: 600."),
     add("--perf-ab-process-cv", type=parse_fraction("A/B process CV", 0.5), default=0.01, metavar="FRACTION",
         help="A/B: standard deviation of the fixed speed offset between two processes of the same tree (no number "
              "of pairs averages it away). Across process pairs it is the prior of their spread, weighed as 4 pairs; "

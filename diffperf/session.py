@@ -132,7 +132,8 @@ class PerfSession:
             warmup_rounds=opt("perf_warmup_rounds"), max_time_s=opt("perf_max_time"),
             inject_slowdown=opt("perf_inject_slowdown"), process_cv=opt("perf_ab_process_cv"),
             timeout_s=opt("perf_ab_timeout"), seed=opt("perf_seed"), malloc=opt("perf_malloc"),
-            processes=opt("perf_ab_processes"), memory_tolerance=opt("perf_memory_tolerance"),
+            processes=opt("perf_ab_processes"), case_time_s=opt("perf_ab_max_time"),
+            memory_tolerance=opt("perf_memory_tolerance"),
             compile_tolerance=opt("perf_compile_tolerance"))
 
     def ab_hooks(self, case: Case, session: pytest.Session) -> dict:
@@ -248,7 +249,7 @@ def make_ab(config: pytest.Config):
     try:
         settings = ab.configure(Path(config.rootpath), opt("perf_ab_base"), opt("perf_ab_python"),
                                 opt("perf_ab_timeout"), opt("perf_seed"), opt("perf_malloc"),
-                                opt("perf_ab_processes"))
+                                opt("perf_ab_processes"), opt("perf_ab_max_time"))
     except ab.AbError as exc:
         raise pytest.UsageError(str(exc)) from None
     return ab.AbSession(settings)

@@ -857,6 +857,7 @@ def test_base_worker_crash_or_hang_keeps_the_head_and_removes_the_worktree(ab_re
     (["--perf-ab-base", "HEAD~2"], "*--perf-ab-base 'HEAD~2' (*): the revision has no diffperf suite (missing diffperf/harness.py*"),
     (["--perf-ab-python", "/nonexistent/bin/python"], "*--perf-ab-python /nonexistent/bin/python: no such executable interpreter*"),
     (["--perf-ab-timeout", "0"], "*seconds must be > 0*"),
+    (["--perf-ab-max-time", "-5"], "*argument --perf-ab-max-time: seconds must be > 0, got '-5'*"),
 ])
 def test_bad_ab_input_is_a_named_usage_error(ab_repo, args, message):
     result = ab_repo.runpytest_subprocess(*RUN, *args)
@@ -1342,6 +1343,43 @@ def test_a_single_value_change_in_one_fresh_pair_takes_another_before_it_fails()
     out = ab.judge("t", side, side, cmp, memory_tolerance=0.1, compile_tolerance=0.25,
                    compile_pairs=[b.compile for b in blocks[1:]])
     assert out.failed and out.info["compile_verdict"] == "regressed"
+
+
+def test_a_cases_further_process_pairs_stop_when_their_time_budget_is_spent(monkeypatch):
+    # Measured with another job on the 2-core VM's cores: one fp32-classic confirmation took 8 process pairs,
+    # each pair's rounds running to --perf-max-time (111-165 s) plus 24-50 s of builds.
+    from types import SimpleNamespace
+
+    from diffperf import ab_replicate
+
+    now = [0.0]
+    monkeypatch.setattr(ab_replicate, "_clock", lambda: now[0])
+    ratios = iter([1.12, 0.90, 1.10, 0.92, 1.11, 0.91])  # processes that disagree: never decided
+    given = []
+
+    def block(index, ratio):
+        head, base = _offset_pairs(ratio, 0.005, n=16)
+        pc = ab.paired_compare(head, base, tolerance=0.03, alpha=0.01)
+        return ab_replicate.Block(index, ab.PairsResult(head, base, ["HB"] * 16, pc, [], [], 1.0), 0, index, -index)
+
+    def fake_block(session, case, index, **kw):
+        given.append(kw["max_time_s"])
+        now[0] += 150.0  # a busy machine: build 30 s, rounds to the limit
+        return block(index, next(ratios))
+
+    monkeypatch.setattr(ab_replicate, "measure_block", fake_block)
+    prepared = SimpleNamespace(case=SimpleNamespace(device="cpu", id="c"), cold_peak_bytes=None)
+    kw = dict(test_id="t", rounds=16, warmup_rounds=0, max_time_s=120.0, tolerance=0.03, alpha=0.01,
+              inject_slowdown=0.0, process_cv=0.01)
+    session = SimpleNamespace(settings=SimpleNamespace(processes=12, case_time_s=400.0))
+    blocks, got, stopped = ab_replicate.replicate(session, prepared, block(1, 1.0), **kw)
+    # Pairs start at 0, 150 and 300 s; the third's rounds take at most the 100 s left; none starts at 450 s.
+    assert len(blocks) == 4 and given == [120.0, 120.0, 100.0]
+    assert got.verdict == "inconclusive" and got.processes == 4
+    assert stopped == "stopped after 4 process pair(s): the further pairs took 450 s of --perf-ab-max-time 400 s"
+    # The A/B message says why the verdict rests on fewer pairs.
+    side = {"peak_memory_bytes": {"steady": 1}, "memory_kind": "peak_rss_growth"}
+    assert stopped in ab.judge("t", side, side, got, 0.1, 0.25, stopped=stopped).message.splitlines()[2]
 
 
 def _calibration_module():
