@@ -350,6 +350,22 @@ class BaseWorker:
             raise AbWorkerError(f"A/B {self.side} worker failed {cmd!r}: {answer.get('error')}\n{self.log_tail()}")
         return answer
 
+    def start_held_build(self, case, **kwargs: Any) -> None:
+        """Ask the worker to build ``case`` and hold it before its first call, without waiting: :meth:`await_built`
+        reads its "built" answer, :meth:`first_call` then lets it make the first call (cold start, compile). So two
+        workers can build at once and make their first calls one at a time. A held worker reads any line but "go"
+        as "exit"."""
+        self.send("build", case=case.as_dict(), hold=True, **kwargs)
+
+    def await_built(self, timeout_s: float) -> dict:
+        """The held build's ``{"stage": "built"}`` answer (:meth:`start_held_build`)."""
+        return self.receive("build", timeout_s)
+
+    def first_call(self, timeout_s: float) -> dict:
+        """Let a held, built pipeline make its first call; the build's answer (cold start, peaks, builder file)."""
+        self.send("go")
+        return self.receive("build", timeout_s)
+
     def _died(self, cmd: str) -> AbWorkerError:
         code = self.proc.poll()
         return AbWorkerError(f"A/B {self.side} worker ({self.python}, {self.tree}) crashed (exit status {code}) during "
@@ -632,7 +648,7 @@ class AbSession:
         self.cancel_build()
         try:
             worker = self.start()
-            worker.send("build", case=case.as_dict(), hold=True)
+            worker.start_held_build(case)
         except AbError:
             return
         self._held = _HeldBuild(case, worker)
@@ -644,7 +660,7 @@ class AbSession:
             return
         with _progress(f"A/B base {held.case.id}: build in the base worker (beside the head's)"):
             try:
-                held.worker.receive("build", self.build_timeout_s)  # {"stage": "built"}
+                held.worker.await_built(self.build_timeout_s)
                 held.built = True
             except AbWorkerError as exc:
                 held.error = exc
@@ -672,8 +688,7 @@ class AbSession:
                 if held.error is not None:
                     raise held.error
                 with _progress(f"A/B base {case.id}: first call in the base worker"):
-                    held.worker.send("go")
-                    return dict(held.worker.receive("build", self.build_timeout_s), built_beside_head=True)
+                    return dict(held.worker.first_call(self.build_timeout_s), built_beside_head=True)
             except AbWorkerError as exc:
                 raise build_error(exc, case, "base", self.hello.get("python") if self.hello else "?",
                                   "next to the head's pipeline") from None

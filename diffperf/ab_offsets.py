@@ -45,7 +45,7 @@ from typing import Any, Sequence
 from diffperf.baselines import BaselineError
 
 KEY = "ab_offsets"
-KEEP = 20  # A/A observations kept per entry, oldest dropped first
+KEEP = 20  # A/A observations kept per entry and builds before the case (ran_before), oldest dropped first
 MIN_OBSERVATIONS = 5  # fewer say too little about a spread to replace the --perf-ab-process-cv guess
 FLOOR = 0.005  # log-sd: the smallest offset spread claimed (measured worker-pair offsets of SDPA: 0.5 %)
 
@@ -176,9 +176,8 @@ def lookup(gate, test_id: str, hardware_id: str, ran_before: Sequence[str]) -> t
         return got, None
     same = len(matching(entry, ran_before))
     return None, (f"baselines/{store.path.name} holds {held} A/A first pairs of this case, {same} of them after the "
-                  f"builds this run made before it ({len(ran_before)}: {', '.join(ran_before) or 'none'}); "
-                  f"{MIN_OBSERVATIONS} are needed, so fold A/A runs of this selection (python -m diffperf baseline "
-                  "offsets)")
+                  f"builds this run made before it: {', '.join(ran_before) or 'none'}; {MIN_OBSERVATIONS} are needed: "
+                  "fold A/A runs of this selection with python -m diffperf baseline offsets")
 
 
 # --------------------------------------------------------------------------------- saved A/A runs
@@ -233,9 +232,23 @@ def first_pair_memory(ab: dict) -> float | None:
     return h / b
 
 
+def _trimmed(obs: list[dict], ran_before: list[str], keep: int) -> list[dict]:
+    """``obs`` less the oldest observations made after ``ran_before`` beyond the last ``keep`` of them (others
+    untouched, the order kept)."""
+    excess = sum(o.get("ran_before") == ran_before for o in obs) - keep
+    out = []
+    for o in obs:
+        if excess > 0 and o.get("ran_before") == ran_before:
+            excess -= 1
+            continue
+        out.append(o)
+    return out
+
+
 def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int = KEEP) -> list[Path]:
     """Append the first-pair log-ratio (and peak-memory ratio, :func:`first_pair_memory`) of every A/A record in
-    the saved runs (oldest run first) to its baseline entry's ``ab_offsets`` (the last ``keep`` kept) and write
+    the saved runs (oldest run first) to its baseline entry's ``ab_offsets`` (the last ``keep`` of each
+    ``ran_before`` kept: A/A runs of one selection do not push out another's) and write
     the files.
 
     Every run and file is read and checked first; nothing is written when a run is not A/A (the reason is
@@ -278,7 +291,7 @@ def fold(run_paths: Sequence[str | Path], baselines_dir: str | Path, keep: int =
             if any(o.get("recorded_at") == item["recorded_at"] and o.get("log_ratio") == item["log_ratio"]
                    for o in held):
                 continue  # this run was folded before: one run is one observation
-            stores[hw].put(dict(entry, **{KEY: (held + [item])[-keep:]}))
+            stores[hw].put(dict(entry, **{KEY: _trimmed(held + [item], item["ran_before"], keep)}))
         if not found:
             raise OffsetsError(f"saved run {run.path}: no A/B record (run it with --perf-ab-base HEAD); nothing to fold")
     return save_all(stores.values())

@@ -209,14 +209,13 @@ def measure_block(session: ab.AbSession, case, index: int, *, test_id: str, roun
         timeout = session.build_timeout_s
         with ab._progress(f"A/B {case.id}: build in the head and base workers of process pair {index}"):
             for worker in (head, base):  # built at once; first calls one at a time (module note)
-                worker.send("build", case=case.as_dict(), hold=True,
-                            **({"slowdown": inject_slowdown} if inject_slowdown and worker is head else {}))
+                worker.start_held_build(case, **({"slowdown": inject_slowdown}
+                                                 if inject_slowdown and worker is head else {}))
             for worker in (head, base):
-                _built(worker, case, timeout)  # {"stage": "built"}
+                _named(worker, case, functools.partial(worker.await_built, timeout))
             built = {}
             for worker in ((head, base) if index % 2 == 0 else (base, head)):
-                worker.send("go")
-                built[worker.side] = _built(worker, case, timeout)
+                built[worker.side] = _named(worker, case, functools.partial(worker.first_call, timeout))
 
         def head_round() -> float:
             return float(head.request("round")["seconds"])
@@ -284,9 +283,10 @@ def _release_all(workers: Sequence[ab.BaseWorker]) -> bool:
     return True
 
 
-def _built(worker: ab.BaseWorker, case, timeout: float) -> dict:
+def _named(worker: ab.BaseWorker, case, step) -> dict:
+    """``step()`` of ``worker``'s build of ``case``; a failure is named (:func:`diffperf.ab.build_error`)."""
     try:
-        return worker.receive("build", timeout)
+        return step()
     except ab.AbWorkerError as exc:
         raise ab.build_error(exc, case, worker.side, worker.python, "next to the test process' pipeline") from None
 

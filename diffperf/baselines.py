@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("runs", nargs="+", help="saved A/A run files, e.g. .benchmarks/*/00*_aa.json")
     o.add_argument("--baselines-dir", default="baselines", help="default: baselines")
     o.add_argument("--keep", type=offsets_keep, default=ab_offsets.KEEP,
-                   help=f"A/A observations kept in each entry. Default: {ab_offsets.KEEP}.")
+                   help=f"A/A observations kept in each entry for each set of builds before the case (ran_before). "
+                        f"Default: {ab_offsets.KEEP}.")
     a = p.parse_args(argv)
     try:
         if a.action == "fold":

@@ -125,7 +125,15 @@ def test_saved_a_a_runs_fold_into_each_entry_oldest_first_once_each(tmp_path, ba
     assert baseline_main(["offsets", *map(str, more), "--baselines-dir", str(baselines), "--keep", "5"]) == 0
     held = BaselineStore.load(baseline_path(baselines, HW)).get(TEST_ID)[ab_offsets.KEY]
     assert len(held) == 5 and all(o["recorded_at"].startswith("2026-12-01") for o in held)
-    assert ab_offsets.prior(BaselineStore.load(baseline_path(baselines, HW)).get(TEST_ID)).observations == 5
+    # A/A runs of another selection (other builds before the case) are kept beside them, not in their place.
+    other = [_saved(tmp_path, f"02{i}_aa.json", f"2026-12-02T{i:02d}:00:00", [(TEST_ID, _aa_record(1.0, ran_before=()))])
+             for i in range(6)]
+    assert baseline_main(["offsets", *map(str, other), "--baselines-dir", str(baselines), "--keep", "5"]) == 0
+    held = BaselineStore.load(baseline_path(baselines, HW)).get(TEST_ID)[ab_offsets.KEY]
+    assert [o["recorded_at"][:13] for o in held] == ([f"2026-12-01T{i:02d}" for i in range(1, 6)]
+                                                     + [f"2026-12-02T{i:02d}" for i in range(1, 6)])
+    assert ab_offsets.prior(BaselineStore.load(baseline_path(baselines, HW)).get(TEST_ID),
+                            ran_before=DEFAULT_BEFORE).observations == 5
     with pytest.raises(SystemExit):  # fewer than MIN_OBSERVATIONS kept would never be used
         baseline_main(["offsets", str(more[0]), "--baselines-dir", str(baselines), "--keep", "3"])
 
@@ -254,8 +262,8 @@ def test_stored_offsets_count_only_for_a_run_whose_test_process_built_the_same_c
     got, note = ab_offsets.lookup(Gate(GateSettings(baselines_dir=baselines)), TEST_ID, HW, selection)
     assert got is None
     assert note == (f"baselines/{HW}.json holds 9 A/A first pairs of this case, 4 of them after the builds this run "
-                    f"made before it (1: tf-cpu-tiny-fp32-bs1-4steps); 5 are needed, so fold A/A runs of this "
-                    f"selection (python -m diffperf baseline offsets)")
+                    f"made before it: tf-cpu-tiny-fp32-bs1-4steps; 5 are needed: fold A/A runs of this selection with "
+                    f"python -m diffperf baseline offsets")
     # Stored observations must name their builds as case ids.
     with pytest.raises(ab_offsets.OffsetsError, match=r"ab_offsets\[0\]: 'ran_before' must be a list of case ids"):
         ab_offsets.validate([dict(obs[0], ran_before="torch")], "entry x")
