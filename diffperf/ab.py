@@ -829,8 +829,9 @@ def judge(test_id: str, head: dict, base: dict, cmp: PairedComparison, memory_to
     :func:`_across_pairs`. Without further pairs, ``memory_offset`` (the case's stored A/A offsets of this
     selection, an :class:`diffperf.ab_offsets.OffsetPrior` with a ``memory_range``) is the first pair's memory
     ratio under no change: see :func:`_first_pair_memory`; without those either, the first pair's memory (but
-    a device allocator's reset peak) and compile figures are not judged beyond their tolerance (:func:`_first_pair_alone`; ``offset_note`` says
-    why no stored range applied). ``stopped`` (why no further process pair was added) follows the latency line.
+    a device allocator's reset peak) and compile figures are not judged beyond their tolerance
+    (:func:`_first_pair_alone`; ``offset_note`` says why no stored range applied). ``stopped`` (why no further
+    process pair was added) follows the latency line.
     """
     from diffperf.gate import _single_value, _steady_memory, first_pipeline_mismatch
 
