@@ -365,6 +365,31 @@ def test_run_pairs_alternates_one_side_at_a_time_and_stops_when_decided():
     assert res.comparison.decided and res.comparison.verdict == "unchanged" and len(res.head) > 4  # more pairs came
 
 
+def test_run_pairs_stops_within_one_pair_of_its_time_limit_when_rounds_slow_down_mid_batch():
+    # Measured with another job on the 2-core VM's cores: one process pair's rounds took 204 s of a 120 s
+    # --perf-max-time, the batch sized from the pairs' mean time before the rounds slowed.
+    now = [0.0]
+    taken = []
+
+    def side(name):
+        def round_():
+            taken.append(name)
+            now[0] += 0.1 if len(taken) <= 40 else 1.5  # the machine slows after 20 pairs
+            return 0.1
+        return round_
+
+    res = ab.run_pairs(side("H"), side("B"), min_pairs=10, warmup_rounds=0, max_time_s=6.0, tolerance=0.03,
+                       alpha=0.01, seed=5, done=lambda cmp: False, clock=lambda: now[0])
+    slow_pair = 2 * 1.5
+    assert res.seconds < 6.0 + slow_pair  # the limit, overrun by at most the pair under way
+    assert len(res.head) == len(res.base) == len(res.order) == len(taken) // 2  # whole pairs only
+    # The minimum is taken whatever the limit: a pair's verdict needs it.
+    now[0], taken[:] = 0.0, []
+    short = ab.run_pairs(side("H"), side("B"), min_pairs=10, warmup_rounds=0, max_time_s=0.5, tolerance=0.03,
+                         alpha=0.01, seed=5, done=lambda cmp: False, clock=lambda: now[0])
+    assert len(short.head) == 10
+
+
 # --------------------------------------------------------------------------------------------------
 # The worker protocol
 # --------------------------------------------------------------------------------------------------
