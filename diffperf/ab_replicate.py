@@ -25,7 +25,7 @@ import functools
 import math
 import subprocess
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -56,7 +56,6 @@ POOL_PAIRS = 2
 # "regressed": one pair's figures are one draw each (measured, A/A: JAX jit compile 1.81 vs 1.45 s, JAX AOT
 # peak 164 vs 147 MiB in one pair), so a figure beyond its tolerance in the first fresh pair takes another.
 MIN_FRESH_SINGLE = 2
-_clock = time.monotonic  # the further pairs' time budget (--perf-ab-max-time); tests replace it
 
 
 @dataclasses.dataclass
@@ -339,7 +338,8 @@ def _beyond(figure: dict | None, tol: float) -> bool:
 def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, rounds: int, warmup_rounds: int,
               max_time_s: float, tolerance: float, alpha: float, inject_slowdown: float, process_cv: float,
               min_processes: int = 0, first_figures: dict | None = None, tolerances: dict | None = None,
-              offset=None) -> tuple[list[Block], ab.PairedComparison, str | None]:
+              offset=None,
+              clock: Callable[[], float] = time.monotonic) -> tuple[list[Block], ab.PairedComparison, str | None]:
     """Add process pairs to ``first`` while the verdict across them is undecided, up to ``--perf-ab-processes``;
     none when the first pair alone rules out a change of the tolerance's size (:func:`settles_alone`, with the
     case's stored A/A ``offset`` when it has one) and
@@ -360,7 +360,7 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
     blocks = [first]
     most = session.settings.processes
     budget = getattr(session.settings, "case_time_s", None)
-    started = _clock()
+    started = clock()
     least = min(max(MIN_PROCESSES, min_processes), most)
 
     def pending() -> bool:
@@ -372,7 +372,7 @@ def replicate(session: ab.AbSession, prepared, first: Block, *, test_id: str, ro
     cmp = combine([first.pairs.comparison], tolerance=tolerance, alpha=alpha, process_cv=process_cv)
     stopped = None
     while len(blocks) < most and (len(blocks) < least or not cmp.decided or pending()):
-        spent = _clock() - started
+        spent = clock() - started
         if budget is not None and spent >= budget:
             stopped = (f"stopped after {len(blocks)} process pair(s): the further pairs took {spent:.0f} s of "
                        f"--perf-ab-max-time {budget:g} s")

@@ -247,8 +247,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "of pairs averages it away). Across process pairs it is the prior of their spread, weighed as 4 pairs; "
              "with --perf-ab-processes 1 it is added to the pairs' interval (0 trusts the pairs alone). A case whose "
              "baseline entry holds 5 or more A/A first pairs made after the same builds as this run's (python -m "
-             "diffperf baseline offsets) judges its first pair with their measured spread instead. Measure yours with benchmarks/ab_calibration.py. "
-             "Default: 0.01.")
+             "diffperf baseline offsets) judges its first pair with their measured spread instead. Measure yours "
+             "with benchmarks/ab_calibration.py. Default: 0.01.")
     add("--perf-ab-processes", type=_positive_int("A/B process pairs"), default=AB_PROCESSES, metavar="N",
         help="A/B: the most process pairs a case is measured in. The first is this process and the base worker; "
              "each further pair is a fresh head process and a fresh base process, added while the verdict across "
@@ -463,7 +463,7 @@ def build_cases(config: pytest.Config) -> list:
                             raise RecipeError(f"{framework} recipe {recipe.tag()!r}: known_failure without known_failure_raises")
                         marks.append(pytest.mark.xfail(reason=known, strict=True,
                                                        raises=pytest.RaisesExc(check=expected.matches)))
-                    params.append(pytest.param(case, marks=marks, id=f"{framework}-{device}-{case.id}"))
+                    params.append(pytest.param(case, marks=marks, id=case.full_id))
     return params
 
 

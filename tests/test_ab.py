@@ -1378,7 +1378,6 @@ def test_a_cases_further_process_pairs_stop_when_their_time_budget_is_spent(monk
     from diffperf import ab_replicate
 
     now = [0.0]
-    monkeypatch.setattr(ab_replicate, "_clock", lambda: now[0])
     ratios = iter([1.12, 0.90, 1.10, 0.92, 1.11, 0.91])  # processes that disagree: never decided
     given = []
 
@@ -1397,7 +1396,7 @@ def test_a_cases_further_process_pairs_stop_when_their_time_budget_is_spent(monk
     kw = dict(test_id="t", rounds=16, warmup_rounds=0, max_time_s=120.0, tolerance=0.03, alpha=0.01,
               inject_slowdown=0.0, process_cv=0.01)
     session = SimpleNamespace(settings=SimpleNamespace(processes=12, case_time_s=400.0))
-    blocks, got, stopped = ab_replicate.replicate(session, prepared, block(1, 1.0), **kw)
+    blocks, got, stopped = ab_replicate.replicate(session, prepared, block(1, 1.0), **kw, clock=lambda: now[0])
     # Pairs start at 0, 150 and 300 s; the third's rounds take at most the 100 s left; none starts at 450 s.
     assert len(blocks) == 4 and given == [120.0, 120.0, 100.0]
     assert got.verdict == "inconclusive" and got.processes == 4
